@@ -1,0 +1,166 @@
+// webchat client: reconnect with replay, no duplicates, Enter to send, typing hints, local times.
+(function () {
+  "use strict";
+  var live = null;        // the element carrying ws-connect
+  var socket = null;      // htmx ws wrapper (publicInterface)
+
+  function newestId() {
+    var n = live ? parseInt(live.getAttribute("data-newest") || "0", 10) : 0;
+    document.querySelectorAll("[data-mid]").forEach(function (el) {
+      var m = parseInt(el.getAttribute("data-mid"), 10);
+      if (m > n) n = m;
+    });
+    document.querySelectorAll("[data-last-mid]").forEach(function (el) {
+      var m = parseInt(el.getAttribute("data-last-mid"), 10);
+      if (m > n) n = m;
+    });
+    return n;
+  }
+
+  // Every (re)connect asks for what happened after the newest message this page has.
+  htmx.createWebSocket = function (url) {
+    var sep = url.indexOf("?") >= 0 ? "&" : "?";
+    return new WebSocket(url + sep + "after=" + newestId());
+  };
+
+  function updateTitle() {
+    var title = document.querySelector("title");
+    if (!title) return;
+    var total = 0;
+    document.querySelectorAll("#conversation-list .badge").forEach(function (b) {
+      total += parseInt(b.textContent || "0", 10) || 0;
+    });
+    var base = title.getAttribute("data-base") || "webchat";
+    document.title = (total ? "(" + total + ") " : "") + base;
+  }
+
+  function formatTimes(root) {
+    var now = new Date();
+    (root || document).querySelectorAll("time[data-fmt]").forEach(function (t) {
+      var v = t.getAttribute("datetime");
+      if (!v) return;
+      var d = new Date(v);
+      if (isNaN(d)) return;
+      var hm = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+      if (t.getAttribute("data-fmt") === "time") { t.textContent = hm; return; }
+      var days = Math.floor((new Date(now.toDateString()) - new Date(d.toDateString())) / 86400000);
+      if (days === 0) t.textContent = hm;
+      else if (days < 7) t.textContent = d.toLocaleDateString([], { weekday: "short" });
+      else t.textContent = d.toLocaleDateString();
+    });
+  }
+
+  function scrollToBottom(force) {
+    var box = document.querySelector(".messages");
+    if (!box) return;
+    var near = box.scrollHeight - box.scrollTop - box.clientHeight < 160;
+    if (force || near) box.scrollTop = box.scrollHeight;
+  }
+
+  function markActive() {
+    var cid = live && live.getAttribute("data-conversation-id");
+    document.querySelectorAll(".conv-row").forEach(function (r) {
+      r.classList.toggle("active", r.getAttribute("data-cid") === cid);
+    });
+    if (cid) { var b = document.getElementById("unread-" + cid); if (b) { b.textContent = ""; b.hidden = true; } }
+  }
+
+  // Before an out-of-band swap: a message already on the page is never added twice, and an
+  // updated conversation row replaces the old one at the top of the list.
+  document.addEventListener("htmx:oobBeforeSwap", function (evt) {
+    var frag = evt.detail.fragment;
+    if (!frag || !frag.querySelectorAll) return;
+    frag.querySelectorAll("[id^='message-']").forEach(function (el) {
+      if (document.getElementById(el.id)) el.remove();
+    });
+    frag.querySelectorAll(".conv-row[id^='conversation-']").forEach(function (el) {
+      var old = document.getElementById(el.id);
+      if (old) old.remove();
+      var empty = document.getElementById("empty-list");
+      if (empty) empty.remove();
+    });
+  });
+
+  document.addEventListener("htmx:oobAfterSwap", function (evt) {
+    formatTimes(evt.detail.target);
+    markActive();
+    updateTitle();
+    scrollToBottom(false);
+    var t = evt.detail.target;
+    if (t && t.getAttribute && t.getAttribute("data-typing")) {
+      clearTimeout(t._clear);
+      t._clear = setTimeout(function () { t.textContent = ""; }, 4000);
+    }
+    if (t && t.id === "ws-refresh") {
+      htmx.ajax("GET", "/", { target: "#conversation-list", swap: "outerHTML", select: "#conversation-list" });
+    }
+  });
+
+  document.addEventListener("htmx:wsOpen", function (evt) {
+    socket = evt.detail.socketWrapper;
+    var cid = live && live.getAttribute("data-conversation-id");
+    if (cid) socket.send(JSON.stringify({ type: "join", conversation_id: parseInt(cid, 10) }));
+    document.body.classList.remove("offline");
+  });
+  document.addEventListener("htmx:wsClose", function (evt) {
+    document.body.classList.add("offline");
+    // Sign-out or refusal (1008): go to the sign-in page rather than retrying forever.
+    if (evt.detail.event && evt.detail.event.code === 1008) window.location.reload();
+  });
+
+  function freshClientId(form) {
+    var input = form.querySelector("#compose-client-id");
+    if (input && !input.value) {
+      input.value = (window.crypto && crypto.randomUUID) ? crypto.randomUUID()
+        : String(Date.now()) + Math.random().toString(16).slice(2);
+    }
+  }
+
+  document.addEventListener("submit", function (evt) {
+    if (evt.target.id === "compose-form") freshClientId(evt.target);
+  }, true);
+
+  document.addEventListener("htmx:configRequest", function (evt) {
+    if (evt.detail.elt && evt.detail.elt.id === "compose-form") {
+      freshClientId(evt.detail.elt);
+      evt.detail.parameters.set ? evt.detail.parameters.set("client_id", evt.detail.elt.querySelector("#compose-client-id").value)
+        : (evt.detail.parameters["client_id"] = evt.detail.elt.querySelector("#compose-client-id").value);
+    }
+  });
+
+  document.addEventListener("htmx:afterRequest", function (evt) {
+    var form = evt.detail.elt;
+    if (!form || form.id !== "compose-form") return;
+    if (evt.detail.successful) {
+      form.reset();
+      form.querySelector("#compose-client-id").value = "";
+      var flash = document.getElementById("flash"); if (flash) flash.innerHTML = "";
+      scrollToBottom(true);
+    }
+  });
+
+  var lastTyping = 0;
+  document.addEventListener("keydown", function (evt) {
+    if (evt.target.id !== "compose-body") return;
+    if (evt.key === "Enter" && !evt.shiftKey && !evt.isComposing) {
+      evt.preventDefault();
+      var form = evt.target.form;
+      if (evt.target.value.trim() || form.querySelector("#compose-image").files.length) form.requestSubmit();
+      return;
+    }
+    var now = Date.now();
+    if (socket && now - lastTyping > 2500) {
+      lastTyping = now;
+      var cid = live && live.getAttribute("data-conversation-id");
+      if (cid) socket.send(JSON.stringify({ type: "typing", conversation_id: parseInt(cid, 10) }));
+    }
+  });
+
+  document.addEventListener("DOMContentLoaded", function () {
+    live = document.getElementById("live");
+    formatTimes(document);
+    markActive();
+    updateTitle();
+    scrollToBottom(true);
+  });
+})();

@@ -1,0 +1,208 @@
+"""webchat: a self-hosted real-time web chat."""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+
+from flask import Flask, jsonify, redirect, render_template, request, session, url_for
+from flask_babel import gettext as _
+from flask_login import current_user
+from flask_wtf.csrf import CSRFError
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from .config import Config
+from .embedded import embedded_redis_url, sqlite_url
+from .extensions import babel, csrf, db, limiter, login_manager, migrate, redis_store, sock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def create_app(config: Config | dict | None = None) -> Flask:
+    """Build the application: configuration, extensions, blueprints, errors and commands."""
+    app = Flask(
+        __name__,
+        template_folder=os.path.join(ROOT, "templates"),
+        static_folder=os.path.join(ROOT, "static"),
+        instance_path=os.environ.get("INSTANCE_PATH") or os.path.join(ROOT, "instance"),
+    )
+    _configure(app, config)
+    _init_extensions(app)
+    _register_blueprints(app)
+    _register_errors(app)
+    _register_request_hooks(app)
+    from .cli import register_cli
+    from .templating import register_filters
+
+    register_filters(app)
+
+    register_cli(app)
+    return app
+
+
+def _configure(app: Flask, config) -> None:
+    settings = config if config is not None else Config()
+    if isinstance(settings, dict):
+        base = Config()
+        app.config.from_mapping({k: v for k, v in vars(base).items() if k.isupper()})
+        app.config.from_mapping(settings)
+    else:
+        settings.check()
+        app.config.from_mapping({k: v for k, v in vars(settings).items() if k.isupper()})
+    if not app.config.get("SECRET_KEY"):
+        app.config["SECRET_KEY"] = _dev_secret(app.instance_path)
+    if not app.config.get("SQLALCHEMY_DATABASE_URI"):
+        app.config["SQLALCHEMY_DATABASE_URI"] = sqlite_url(app.instance_path)
+    if not app.config.get("REDIS_URL"):
+        app.config["REDIS_URL"] = embedded_redis_url(app.instance_path)
+    url = app.config["REDIS_URL"]
+    app.config.setdefault(
+        "RATELIMIT_STORAGE_URI", "redis+unix://" + url[len("unix://"):] if url.startswith("unix://") else url
+    )
+    if app.config.get("PROXY_FIX"):
+        n = int(app.config["PROXY_FIX"])
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)
+
+
+def _dev_secret(instance_path: str) -> str:
+    """Return a per-instance secret for the embedded setup, kept in instance/ so restarts keep sessions."""
+    os.makedirs(instance_path, exist_ok=True)
+    path = os.path.join(instance_path, "secret_key")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(48))
+    except FileExistsError:
+        pass
+    with open(path) as fh:
+        return fh.read().strip()
+
+
+@event.listens_for(Engine, "connect")
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # Every SQLite connection: WAL so readers do not block the writer, a busy timeout so
+    # concurrent processes wait instead of failing, and foreign keys enforced.
+    if type(dbapi_connection).__module__.startswith("sqlite3"):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+
+def _select_locale() -> str:
+    lang = request.args.get("lang") or request.cookies.get("lang")
+    if lang in ("en", "zh"):
+        return lang
+    return request.accept_languages.best_match(["en", "zh"]) or "en"
+
+
+def _init_extensions(app: Flask) -> None:
+    from .models import User
+    from .realtime.hub import hub
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=os.path.join(ROOT, "migrations"))
+    csrf.init_app(app)
+    redis_store.init_app(app)
+    limiter.init_app(app)
+    sock.init_app(app)
+    babel.init_app(app, locale_selector=_select_locale)
+    hub.init_app(app)
+
+    login_manager.init_app(app)
+    login_manager.login_view = "auth.login"
+    login_manager.login_message = None
+    login_manager.session_protection = "basic"
+
+    @login_manager.user_loader
+    def load_user(user_id: str):
+        user = db.session.get(User, int(user_id)) if user_id.isdigit() else None
+        return user if user is not None and not user.is_disabled else None
+
+    @login_manager.unauthorized_handler
+    def unauthorized():
+        if is_htmx() or request.path.startswith("/ws"):
+            return _("Please sign in."), 401
+        return redirect(url_for("auth.login", next=request.full_path.rstrip("?")), 303)
+
+
+def is_htmx() -> bool:
+    """Say whether this request came from htmx and wants a fragment."""
+    return request.headers.get("HX-Request") == "true"
+
+
+def _register_blueprints(app: Flask) -> None:
+    from .admin import bp as admin_bp
+    from .auth import bp as auth_bp
+    from .chat import bp as chat_bp
+    from .health import bp as health_bp
+    from .realtime import bp as realtime_bp
+
+    app.register_blueprint(auth_bp)
+    app.register_blueprint(chat_bp)
+    app.register_blueprint(admin_bp, url_prefix="/admin")
+    app.register_blueprint(realtime_bp)
+    app.register_blueprint(health_bp)
+
+
+def _register_errors(app: Flask) -> None:
+    def render_error(status: int, message: str):
+        if request.path.startswith("/healthz"):
+            return jsonify({"status": "error", "message": message}), status
+        if is_htmx():
+            return render_template("errors/_error.html", status=status, message=message), status
+        return render_template("errors/error.html", status=status, message=message), status
+
+    @app.errorhandler(CSRFError)
+    def csrf_error(exc: CSRFError):
+        return render_error(400, _("Your form expired or was not sent by this site. Reload the page and try again."))
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        messages = {
+            404: _("We could not find that page."),
+            403: _("You are not allowed to do that."),
+            413: _("That upload is too large."),
+            429: _("Too many attempts. Wait a minute and try again."),
+            405: _("That action is not allowed here."),
+        }
+        message = messages.get(exc.code or 500, exc.description or "")
+        return render_error(exc.code or 500, message)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        app.logger.exception("unhandled error")
+        db.session.rollback()
+        return render_error(500, _("Something went wrong on our side. Please try again."))
+
+
+def _register_request_hooks(app: Flask) -> None:
+    from .services.messages import system_text
+
+    @app.before_request
+    def ensure_socket_session_id() -> None:
+        # Each signed-in browser session gets an id so logout can close exactly its sockets.
+        if current_user.is_authenticated and "sid" not in session:
+            session["sid"] = secrets.token_urlsafe(12)
+
+    @app.context_processor
+    def template_helpers():
+        from flask_babel import get_locale
+
+        return {"is_htmx": is_htmx(), "system_text": system_text, "current_locale": str(get_locale())}
+
+    @app.after_request
+    def security_headers(response):
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        if "lang" in request.args and request.args["lang"] in ("en", "zh"):
+            response.set_cookie("lang", request.args["lang"], max_age=365 * 86400, samesite="Lax", httponly=True)
+        return response
+
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"))

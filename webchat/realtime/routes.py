@@ -1,0 +1,106 @@
+"""GET /ws: an authenticated, Origin-checked WebSocket fed by the hub."""
+from __future__ import annotations
+
+import json
+from urllib.parse import urlsplit
+
+from flask import abort, current_app, render_template, request, session
+from flask_babel import get_locale
+from flask_babel import gettext as _
+from flask_login import current_user
+
+from ..extensions import db, sock
+from ..models import User
+from ..services import DomainError
+from ..services import accounts
+from ..services import conversations as convs
+from ..services import messages as msgs
+from . import bp, bus
+from .hub import Client, hub
+
+
+def _origin_allowed(origin: str) -> bool:
+    """Say whether a handshake's Origin is this site (or one the deployer allowed)."""
+    if origin in current_app.config["WS_ALLOWED_ORIGINS"]:
+        return True
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and parts.netloc.lower() == request.host.lower()
+
+
+@bp.before_request
+def check_handshake():
+    """Refuse the handshake before upgrading: no session 401, foreign Origin 403."""
+    origin = request.headers.get("Origin")
+    # Browsers always send Origin on WebSocket handshakes; a cross-site one is hijacking.
+    if origin is not None and not _origin_allowed(origin):
+        abort(403)
+    if not current_user.is_authenticated or accounts.is_session_revoked(session.get("sid")):
+        abort(401)
+
+
+def _error_frame(message: str, code: str = "bad_request") -> str:
+    return render_template("realtime/_error.html", message=message, code=code)
+
+
+def handle_frame(client: Client, raw) -> str | None:
+    """Act on one client frame; return an error frame to send back, or None."""
+    if isinstance(raw, bytes):
+        return _error_frame(_("Frames must be JSON text."))
+    if len(raw.encode()) > current_app.config["WS_MAX_FRAME"]:
+        return _error_frame(_("That frame is too large."), "too_large")
+    try:
+        frame = json.loads(raw)
+    except ValueError:
+        return _error_frame(_("Frames must be JSON text."))
+    if not isinstance(frame, dict):
+        return _error_frame(_("Frames must be JSON objects."))
+    kind = frame.get("type")
+    user = db.session.get(User, client.user_id)
+    if user is None or user.is_disabled:
+        client.close(1008, "account closed")
+        return None
+    try:
+        if kind == "message":
+            conversation, _m = convs.get_conversation_for(user.id, frame.get("conversation_id"))
+            msgs.send_message(user, conversation, frame.get("body"), None, frame.get("client_id"))
+        elif kind == "join":
+            if frame.get("conversation_id") in (None, ""):
+                client.joined = None
+                return None
+            conversation, _m = convs.get_conversation_for(user.id, frame.get("conversation_id"))
+            client.joined = conversation.id
+            convs.mark_read(user.id, conversation)
+        elif kind == "typing":
+            conversation, _m = convs.get_conversation_for(user.id, frame.get("conversation_id"))
+            bus.typing(conversation.id, user.id, user.name)
+        elif kind == "ping":
+            return None
+        else:
+            return _error_frame(_("Unknown frame type."), "unknown_type")
+    except DomainError as exc:
+        return _error_frame(exc.message, "not_found" if exc.status == 404 else "invalid")
+    return None
+
+
+@sock.route("/ws", bp=bp)
+def ws(socket):
+    """Stream this user's live frames; accept message, join and typing frames."""
+    client = Client(socket, current_user.id, session.get("sid"), str(get_locale()))
+    after = request.args.get("after", type=int)
+    hub.add(client)
+    try:
+        if after is not None and after >= 0:
+            hub.replay(client, after)
+        client.start_live()
+        while True:
+            # Give the pooled connection back before blocking: an idle socket must not hold one.
+            db.session.remove()
+            raw = socket.receive()
+            if raw is None:
+                continue
+            error = handle_frame(client, raw)
+            if error:
+                client.send(error)
+    finally:
+        hub.remove(client)
+        db.session.remove()

@@ -1,0 +1,21 @@
+"""The domain layer: called by HTTP views, WebSocket frames, jobs and the CLI alike."""
+
+
+class DomainError(Exception):
+    """A refusal with a message meant for the user; status is the HTTP code to answer with."""
+
+    status = 400
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class NotFound(DomainError):
+    status = 404
+
+
+class Forbidden(DomainError):
+    status = 403

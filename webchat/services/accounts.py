@@ -1,0 +1,214 @@
+"""Accounts: registration, sign-in checks, profile changes and account deletion."""
+from __future__ import annotations
+
+import re
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from flask_babel import lazy_gettext as _l
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ..extensions import db
+from ..models import Conversation, Image, Membership, Message, User, utcnow
+from . import DomainError
+from .images import has_file, store_upload
+
+USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
+_hasher = PasswordHasher()
+# Verifying against a dummy hash when the user does not exist keeps sign-in timing the same,
+# so the response time does not reveal which usernames exist.
+_DUMMY_HASH = _hasher.hash("not-a-real-password")
+
+
+def hash_password(password: str) -> str:
+    """Return an argon2id hash of the password."""
+    return _hasher.hash(password)
+
+
+def verify_password(user: User | None, password: str) -> bool:
+    """Check a password against a user's hash in constant-ish time."""
+    try:
+        return _hasher.verify(user.password_hash if user else _DUMMY_HASH, password) and user is not None
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def find_user_by_username(username: str) -> User | None:
+    """Return the user with this username, whatever its case."""
+    return db.session.scalar(select(User).where(func.lower(User.username) == username.strip().lower()))
+
+
+def check_new_username(username: str) -> str:
+    """Return the username if it is well-formed and free, else raise."""
+    username = username.strip()
+    if not USERNAME_RE.match(username):
+        raise DomainError(_l("Usernames are 3 to 32 letters, digits, '_', '.' or '-'."), 422)
+    if find_user_by_username(username) is not None:
+        raise DomainError(_l("That username is already taken."), 422)
+    return username
+
+
+def register_user(username: str, password: str, name: str = "", *, is_admin: bool = False) -> User:
+    """Create an account and return it."""
+    username = check_new_username(username)
+    if len(password) < 8:
+        raise DomainError(_l("Passwords need at least 8 characters."), 422)
+    user = User(
+        username=username,
+        name=(name or "").strip()[:64] or username,
+        password_hash=hash_password(password),
+        is_admin=is_admin,
+    )
+    db.session.add(user)
+    try:
+        db.session.commit()
+    except IntegrityError:
+        # Two registrations of one name at once: the unique index decides.
+        db.session.rollback()
+        raise DomainError(_l("That username is already taken."), 422)
+    return user
+
+
+def authenticate(username: str, password: str) -> User | None:
+    """Return the active user whose credentials these are, or None."""
+    user = find_user_by_username(username)
+    if not verify_password(user, password) or user is None or user.is_disabled:
+        return None
+    if _hasher.check_needs_rehash(user.password_hash):
+        user.password_hash = hash_password(password)
+    user.last_seen_at = utcnow()
+    db.session.commit()
+    return user
+
+
+def update_profile(user: User, *, name: str, remark: str, avatar=None, background=None) -> User:
+    """Change nickname, signature and pictures in one transaction."""
+    name = name.strip()
+    if not 1 <= len(name) <= 64:
+        raise DomainError(_l("Nicknames are 1 to 64 characters."), 422)
+    remark = remark.strip()
+    if len(remark) > 200:
+        raise DomainError(_l("The signature may be at most 200 characters."), 422)
+    try:
+        old_ids = []
+        # Validate and encode both uploads before anything is written.
+        if has_file(avatar):
+            image = store_upload(avatar, uploader_id=user.id)
+            old_ids.append(user.avatar_id)
+            user.avatar_id = image.id
+        if has_file(background):
+            image = store_upload(background, uploader_id=user.id)
+            old_ids.append(user.background_id)
+            user.background_id = image.id
+        user.name = name
+        user.remark = remark
+        stale = [i for i in old_ids if i]
+        if stale:
+            db.session.execute(delete(Image).where(Image.id.in_(stale)))
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    return user
+
+
+def delete_user(user: User) -> list[int]:
+    """Delete a user with their 1:1 conversations and all their messages; return affected user ids.
+
+    Groups they own pass to the longest-standing other member, or are deleted when empty.
+    Does not commit: callers wrap it in their transaction.
+    """
+    from .conversations import delete_conversation_rows, refresh_last_message
+
+    affected: set[int] = set()
+    direct_ids = db.session.scalars(
+        select(Conversation.id)
+        .join(Membership, Membership.conversation_id == Conversation.id)
+        .where(Membership.user_id == user.id, Conversation.is_group.is_(False))
+    ).all()
+    if direct_ids:
+        affected.update(
+            db.session.scalars(select(Membership.user_id).where(Membership.conversation_id.in_(direct_ids))).all()
+        )
+        delete_conversation_rows(direct_ids)
+    group_ids = db.session.scalars(
+        select(Membership.conversation_id).where(Membership.user_id == user.id)
+    ).all()
+    for cid in group_ids:
+        conversation = db.session.get(Conversation, cid)
+        others = db.session.scalars(
+            select(Membership)
+            .where(Membership.conversation_id == cid, Membership.user_id != user.id)
+            .order_by(Membership.joined_at, Membership.user_id)
+        ).all()
+        affected.update(m.user_id for m in others)
+        if not others:
+            delete_conversation_rows([cid])
+            continue
+        if conversation.owner_id == user.id:
+            conversation.owner_id = others[0].user_id
+            others[0].role = "owner"
+    # Their messages in groups, with the images attached to them.
+    image_ids = db.session.scalars(
+        select(Message.image_id).where(Message.sender_id == user.id, Message.image_id.is_not(None))
+    ).all()
+    touched = db.session.scalars(
+        select(Message.conversation_id).where(Message.sender_id == user.id).distinct()
+    ).all()
+    db.session.execute(delete(Message).where(Message.sender_id == user.id))
+    if image_ids:
+        db.session.execute(delete(Image).where(Image.id.in_(image_ids)))
+    db.session.execute(delete(Membership).where(Membership.user_id == user.id))
+    db.session.execute(delete(Image).where(Image.uploader_id == user.id))
+    db.session.execute(update(Conversation).where(Conversation.owner_id == user.id).values(owner_id=None))
+    db.session.delete(user)
+    db.session.flush()
+    refresh_last_message([c for c in touched if db.session.get(Conversation, c) is not None])
+    affected.discard(user.id)
+    return sorted(affected)
+
+
+def delete_account(user: User, password: str) -> None:
+    """Delete the signed-in user's account after checking their password."""
+    if not verify_password(user, password):
+        raise DomainError(_l("That password is not right."), 403)
+    uid = user.id
+    try:
+        affected = delete_user(user)
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    from ..realtime import bus
+
+    bus.user_removed(uid, affected)
+
+
+REVOKED_TTL = 31 * 86400
+
+
+def revoke_session(sid: str) -> None:
+    """Remember for a month that a signed-out session id may not open sockets again."""
+    import redis
+
+    from ..extensions import redis_store
+
+    try:
+        redis_store.client.setex(f"webchat:revoked:{sid}", REVOKED_TTL, 1)
+    except (redis.RedisError, OSError):
+        pass  # the socket close event and the cleared cookie still sign the browser out
+
+
+def is_session_revoked(sid: str | None) -> bool:
+    """Say whether a session id was signed out (a copied cookie must not keep a socket)."""
+    import redis
+
+    from ..extensions import redis_store
+
+    if not sid:
+        return False
+    try:
+        return bool(redis_store.client.exists(f"webchat:revoked:{sid}"))
+    except (redis.RedisError, OSError):
+        return False

@@ -1,0 +1,458 @@
+"""Conversations: 1:1 and groups, membership, hiding, disbanding and the conversation list."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from flask_babel import lazy_gettext as _l
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ..extensions import db
+from ..models import Conversation, Image, Membership, Message, Unread, User, utcnow
+from . import DomainError, Forbidden, NotFound
+from .images import has_file, store_upload
+
+MAX_GROUP_OTHERS = 200
+MIN_GROUP_OTHERS = 2
+
+
+def get_conversation_for(user_id: int, cid) -> tuple[Conversation, Membership]:
+    """Return the conversation and the user's membership, or raise NotFound for non-members."""
+    try:
+        cid = int(cid)
+    except (TypeError, ValueError):
+        raise NotFound(_l("No such conversation."))
+    row = db.session.execute(
+        select(Conversation, Membership)
+        .join(Membership, Membership.conversation_id == Conversation.id)
+        .where(Conversation.id == cid, Membership.user_id == user_id)
+    ).first()
+    if row is None:
+        # Same answer whether it does not exist or the user is not in it.
+        raise NotFound(_l("No such conversation."))
+    return row[0], row[1]
+
+
+def _add_member(conversation: Conversation, user_id: int, role: str = "member") -> Membership:
+    membership = Membership(conversation=conversation, user_id=user_id, role=role)
+    # New members start with everything so far read: no badge for history.
+    membership.unread = Unread(user_id=user_id, last_read_message_id=conversation.last_message_id or 0)
+    db.session.add(membership)
+    return membership
+
+
+def find_or_create_direct(a: User, b: User) -> Conversation:
+    """Return the 1:1 conversation of two users, creating it once even under concurrent calls."""
+    if a.id == b.id:
+        raise DomainError(_l("You cannot start a conversation with yourself."), 422)
+    if b.is_disabled:
+        raise NotFound(_l("No such user."))
+    low, high = sorted((a.id, b.id))
+    key = f"{low}:{high}"
+    existing = db.session.scalar(select(Conversation).where(Conversation.direct_key == key))
+    if existing is not None:
+        return existing
+    conversation = Conversation(is_group=False, direct_key=key)
+    db.session.add(conversation)
+    _add_member(conversation, low)
+    _add_member(conversation, high)
+    try:
+        db.session.commit()
+    except IntegrityError:
+        # The other request won the race on the unique direct_key: use its conversation.
+        db.session.rollback()
+        existing = db.session.scalar(select(Conversation).where(Conversation.direct_key == key))
+        if existing is None:
+            raise
+        return existing
+    return conversation
+
+
+def _parse_ids(ids) -> list[int]:
+    out = []
+    for raw in ids or []:
+        try:
+            out.append(int(raw))
+        except (TypeError, ValueError):
+            raise DomainError(_l("Unknown user."), 422)
+    return list(dict.fromkeys(out))
+
+
+def _existing_users(ids: list[int]) -> list[User]:
+    users = db.session.scalars(select(User).where(User.id.in_(ids), User.is_disabled.is_(False))).all()
+    if len(users) != len(ids):
+        raise DomainError(_l("Some of those people do not exist."), 422)
+    order = {uid: i for i, uid in enumerate(ids)}
+    return sorted(users, key=lambda u: order[u.id])
+
+
+def _check_group_name(name: str) -> str:
+    name = (name or "").strip()
+    if not 1 <= len(name) <= 64:
+        raise DomainError(_l("Group names are 1 to 64 characters."), 422)
+    return name
+
+
+def system_message(conversation: Conversation, actor: User | None, event: str, body: str = "") -> Message:
+    """Add a system line (created, added, removed, left, renamed) and make it the last message."""
+    from .messages import preview_of
+
+    message = Message(conversation_id=conversation.id, sender_id=actor.id if actor else None, kind="system",
+                      event=event, body=body[:4000])
+    db.session.add(message)
+    db.session.flush()
+    message.sender = actor
+    conversation.last_message_id = message.id
+    conversation.last_message_text = preview_of(message)
+    conversation.last_message_image = False
+    conversation.last_message_at = message.created_at
+    return message
+
+
+def create_group(owner: User, name: str, member_ids, image=None) -> Conversation:
+    """Create a group of the owner and 2 to 200 other members."""
+    name = _check_group_name(name)
+    ids = [i for i in _parse_ids(member_ids) if i != owner.id]
+    if len(ids) < MIN_GROUP_OTHERS:
+        raise DomainError(_l("Pick at least %(n)d other people for a group.", n=MIN_GROUP_OTHERS), 422)
+    if len(ids) > MAX_GROUP_OTHERS:
+        raise DomainError(_l("A group can have at most %(n)d other members.", n=MAX_GROUP_OTHERS), 422)
+    members = _existing_users(ids)
+    try:
+        conversation = Conversation(is_group=True, name=name, owner_id=owner.id)
+        db.session.add(conversation)
+        db.session.flush()
+        if has_file(image):
+            conversation.image_id = store_upload(image, conversation_id=conversation.id).id
+        _add_member(conversation, owner.id, role="owner")
+        for user in members:
+            _add_member(conversation, user.id)
+        system_message(conversation, owner, "created", name)
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    from ..realtime import bus
+
+    bus.conversation_changed(conversation.id)
+    return conversation
+
+
+def _require_group_owner(actor: User, conversation: Conversation) -> None:
+    if not conversation.is_group:
+        raise DomainError(_l("Only groups have members to manage."), 422)
+    if conversation.owner_id != actor.id:
+        raise Forbidden(_l("Only the group's owner can do that."))
+
+
+def member_count(conversation_id: int) -> int:
+    """Return how many members a conversation has."""
+    return db.session.scalar(select(func.count()).select_from(Membership).where(
+        Membership.conversation_id == conversation_id))
+
+
+def add_members(actor: User, conversation: Conversation, member_ids) -> list[User]:
+    """Add people to a group (owner only)."""
+    _require_group_owner(actor, conversation)
+    ids = _parse_ids(member_ids)
+    if not ids:
+        raise DomainError(_l("Pick someone to add."), 422)
+    current = set(db.session.scalars(
+        select(Membership.user_id).where(Membership.conversation_id == conversation.id)).all())
+    new_ids = [i for i in ids if i not in current]
+    if not new_ids:
+        raise DomainError(_l("They are already members."), 422)
+    if len(current) - 1 + len(new_ids) > MAX_GROUP_OTHERS:
+        raise DomainError(_l("A group can have at most %(n)d other members.", n=MAX_GROUP_OTHERS), 422)
+    users = _existing_users(new_ids)
+    try:
+        for user in users:
+            _add_member(conversation, user.id)
+        system_message(conversation, actor, "added", ", ".join(u.name for u in users))
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    from ..realtime import bus
+
+    bus.conversation_changed(conversation.id)
+    return users
+
+
+def remove_member(actor: User, conversation: Conversation, user_id) -> None:
+    """Remove one member from a group (owner only; the owner leaves instead)."""
+    _require_group_owner(actor, conversation)
+    try:
+        user_id = int(user_id)
+    except (TypeError, ValueError):
+        raise NotFound(_l("No such member."))
+    if user_id == actor.id:
+        raise DomainError(_l("Owners leave a group instead of removing themselves."), 422)
+    membership = db.session.get(Membership, (conversation.id, user_id))
+    if membership is None:
+        raise NotFound(_l("No such member."))
+    removed = membership.user
+    try:
+        db.session.delete(membership)
+        system_message(conversation, actor, "removed", removed.name)
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    from ..realtime import bus
+
+    bus.conversation_changed(conversation.id, removed_user_ids=[user_id])
+
+
+def leave(user: User, conversation: Conversation) -> None:
+    """Leave a group; an owner hands the group to the longest-standing member, the last one deletes it."""
+    if not conversation.is_group:
+        raise DomainError(_l("You can hide a 1:1 conversation, not leave it."), 422)
+    others = db.session.scalars(
+        select(Membership)
+        .where(Membership.conversation_id == conversation.id, Membership.user_id != user.id)
+        .order_by(Membership.joined_at, Membership.user_id)
+    ).all()
+    if not others:
+        disband(user, conversation, check_owner=False)
+        return
+    try:
+        if conversation.owner_id == user.id:
+            conversation.owner_id = others[0].user_id
+            others[0].role = "owner"
+        db.session.execute(delete(Membership).where(
+            Membership.conversation_id == conversation.id, Membership.user_id == user.id))
+        system_message(conversation, user, "left", user.name)
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    from ..realtime import bus
+
+    bus.conversation_changed(conversation.id, removed_user_ids=[user.id])
+
+
+def update_group(actor: User, conversation: Conversation, name: str | None = None, image=None) -> None:
+    """Rename a group and/or change its picture (owner only)."""
+    _require_group_owner(actor, conversation)
+    try:
+        if name is not None and name.strip() != (conversation.name or ""):
+            conversation.name = _check_group_name(name)
+            system_message(conversation, actor, "renamed", conversation.name)
+        if has_file(image):
+            old = conversation.image_id
+            conversation.image_id = store_upload(image, conversation_id=conversation.id).id
+            if old:
+                db.session.execute(delete(Image).where(Image.id == old))
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    from ..realtime import bus
+
+    bus.conversation_changed(conversation.id)
+
+
+def hide(user: User, conversation: Conversation, membership: Membership) -> None:
+    """Hide the conversation from this user's list until a newer message arrives."""
+    membership.hidden_through = conversation.last_message_id or 0
+    db.session.commit()
+    from ..realtime import bus
+
+    bus.conversation_changed(conversation.id, user_ids=[user.id])
+
+
+def delete_conversation_rows(conversation_ids: list[int]) -> None:
+    """Delete conversations with their messages, read state, memberships and images (no commit)."""
+    if not conversation_ids:
+        return
+    ids = list(conversation_ids)
+    # Explicit deletes rather than ON DELETE CASCADE alone: the order keeps every foreign key
+    # satisfied at each step on every backend.
+    db.session.execute(delete(Message).where(Message.conversation_id.in_(ids)))
+    db.session.execute(delete(Unread).where(Unread.conversation_id.in_(ids)))
+    db.session.execute(delete(Membership).where(Membership.conversation_id.in_(ids)))
+    db.session.execute(delete(Image).where(Image.conversation_id.in_(ids)))
+    db.session.execute(delete(Conversation).where(Conversation.id.in_(ids)))
+
+
+def disband(actor: User, conversation: Conversation, *, check_owner: bool = True) -> list[int]:
+    """Delete a group and everything in it (owner only); return the former members' ids."""
+    if check_owner:
+        _require_group_owner(actor, conversation)
+    return delete_conversation(conversation.id)
+
+
+def delete_conversation(cid: int) -> list[int]:
+    """Delete any conversation in one transaction and tell its members; return their ids."""
+    member_ids = db.session.scalars(select(Membership.user_id).where(Membership.conversation_id == cid)).all()
+    try:
+        delete_conversation_rows([cid])
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    from ..realtime import bus
+
+    bus.conversation_removed(cid, list(member_ids))
+    return list(member_ids)
+
+
+def refresh_last_message(conversation_ids) -> None:
+    """Point each conversation's last message at its newest remaining message, or at nothing."""
+    from .messages import preview_of
+
+    for cid in conversation_ids:
+        newest = db.session.scalar(
+            select(Message).where(Message.conversation_id == cid).order_by(Message.id.desc()).limit(1)
+        )
+        values = dict(last_message_id=None, last_message_text="", last_message_image=False, last_message_at=None)
+        if newest is not None:
+            values = dict(last_message_id=newest.id, last_message_text=preview_of(newest),
+                          last_message_image=newest.image_id is not None and not newest.body,
+                          last_message_at=newest.created_at)
+        db.session.execute(update(Conversation).where(Conversation.id == cid).values(**values))
+
+
+@dataclass
+class ConversationRow:
+    """One row of a user's conversation list."""
+
+    conversation: Conversation
+    title: str
+    image_id: str | None
+    peer: User | None
+    unread: int
+
+    @property
+    def id(self) -> int:
+        return self.conversation.id
+
+    @property
+    def sort_time(self) -> datetime:
+        return self.conversation.last_message_at or self.conversation.created_at
+
+
+def unread_counts(user_id: int, conversation_ids=None) -> dict[int, int]:
+    """Return exact unread counts by conversation for a user (messages from others past the pointer)."""
+    query = (
+        select(Message.conversation_id, func.count())
+        .join(Unread, and_(Unread.conversation_id == Message.conversation_id, Unread.user_id == user_id))
+        .where(Message.id > Unread.last_read_message_id, Message.kind == "text", Message.sender_id != user_id)
+        .group_by(Message.conversation_id)
+    )
+    if conversation_ids is not None:
+        query = query.where(Message.conversation_id.in_(list(conversation_ids)))
+    return {cid: count for cid, count in db.session.execute(query)}
+
+
+def _peers(conversation_ids: list[int], user_id: int) -> dict[int, User]:
+    if not conversation_ids:
+        return {}
+    rows = db.session.execute(
+        select(Membership.conversation_id, User)
+        .join(User, User.id == Membership.user_id)
+        .where(Membership.conversation_id.in_(conversation_ids), Membership.user_id != user_id)
+    ).all()
+    return {cid: user for cid, user in rows}
+
+
+def build_rows(user_id: int, pairs: list[tuple[Conversation, Membership]]) -> list[ConversationRow]:
+    """Turn (conversation, membership) pairs into list rows with names and unread counts (2 queries)."""
+    direct_ids = [c.id for c, _ in pairs if not c.is_group]
+    peers = _peers(direct_ids, user_id)
+    counts = unread_counts(user_id, [c.id for c, _ in pairs]) if pairs else {}
+    rows = []
+    for conversation, _membership in pairs:
+        peer = peers.get(conversation.id)
+        if conversation.is_group:
+            title, image_id = conversation.name or "", conversation.image_id
+        else:
+            title = peer.name if peer else str(_l("Deleted user"))
+            image_id = peer.avatar_id if peer else None
+        rows.append(ConversationRow(conversation, title, image_id, peer, counts.get(conversation.id, 0)))
+    return rows
+
+
+def conversation_list(user_id: int) -> list[ConversationRow]:
+    """Return the user's visible conversations, newest first, in three queries."""
+    pairs = db.session.execute(
+        select(Conversation, Membership)
+        .join(Membership, Membership.conversation_id == Conversation.id)
+        .where(Membership.user_id == user_id)
+        .where(or_(Membership.hidden_through.is_(None),
+                   func.coalesce(Conversation.last_message_id, 0) > Membership.hidden_through))
+        .order_by(func.coalesce(Conversation.last_message_at, Conversation.created_at).desc(),
+                  Conversation.id.desc())
+    ).all()
+    return build_rows(user_id, [(c, m) for c, m in pairs])
+
+
+def conversation_row(user_id: int, cid: int) -> ConversationRow | None:
+    """Return one list row for a user, or None if they are not a member or it is hidden."""
+    pair = db.session.execute(
+        select(Conversation, Membership)
+        .join(Membership, Membership.conversation_id == Conversation.id)
+        .where(Membership.user_id == user_id, Conversation.id == cid)
+    ).first()
+    if pair is None or pair[1].is_hidden(pair[0]):
+        return None
+    return build_rows(user_id, [(pair[0], pair[1])])[0]
+
+
+def members_of(conversation_id: int) -> list[tuple[Membership, User]]:
+    """Return a conversation's members with their users, owner first."""
+    rows = db.session.execute(
+        select(Membership, User).join(User, User.id == Membership.user_id)
+        .where(Membership.conversation_id == conversation_id)
+        .order_by((Membership.role == "owner").desc(), Membership.joined_at, User.id)
+    ).all()
+    return [(m, u) for m, u in rows]
+
+
+def mark_read(user_id: int, conversation: Conversation, upto: int | None = None, *, notify: bool = True) -> bool:
+    """Move the user's read pointer to the newest message (or upto); return whether it moved."""
+    target = upto if upto is not None else (conversation.last_message_id or 0)
+    result = db.session.execute(
+        update(Unread)
+        .where(Unread.conversation_id == conversation.id, Unread.user_id == user_id,
+               Unread.last_read_message_id < target)
+        .values(last_read_message_id=target, read_at=utcnow())
+    )
+    db.session.commit()
+    moved = result.rowcount > 0
+    if moved and notify:
+        from ..realtime import bus
+
+        bus.conversation_read(conversation.id, user_id)
+    return moved
+
+
+def ids_for_usernames(text: str) -> list[int]:
+    """Resolve comma- or space-separated usernames to user ids; unknown names are refused."""
+    names = [n for n in (text or "").replace(",", " ").split() if n]
+    if not names:
+        return []
+    users = db.session.scalars(select(User).where(func.lower(User.username).in_([n.lower() for n in names]))).all()
+    found = {u.username.lower(): u.id for u in users}
+    missing = [n for n in names if n.lower() not in found]
+    if missing:
+        raise DomainError(_l("No user called %(name)s.", name=missing[0]), 422)
+    return [found[n.lower()] for n in names]
+
+
+def search_users(query: str, exclude_id: int, limit: int = 20) -> list[User]:
+    """Find active users by username or nickname."""
+    query = (query or "").strip()
+    if not query:
+        return []
+    pattern = "%" + query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    return db.session.scalars(
+        select(User)
+        .where(User.id != exclude_id, User.is_disabled.is_(False))
+        .where(or_(func.lower(User.username).like(pattern, escape="\\"),
+                   func.lower(User.name).like(pattern, escape="\\")))
+        .order_by(func.lower(User.username))
+        .limit(limit)
+    ).all()

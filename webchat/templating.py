@@ -1,0 +1,49 @@
+"""Jinja filters: safe links in message text, and message times."""
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+from flask import Flask
+from markupsafe import Markup, escape
+
+URL_RE = re.compile(r"\bhttps?://[^\s<>\"'`]+", re.IGNORECASE)
+TRAILING = ".,;:!?)]}'\""
+
+
+def linkify(text: str | None) -> Markup:
+    """Escape text and turn http(s) URLs into links that open safely in a new tab."""
+    text = text or ""
+    out = []
+    pos = 0
+    for match in URL_RE.finditer(text):
+        url = match.group(0)
+        trimmed = url.rstrip(TRAILING)
+        end = match.start() + len(trimmed)
+        out.append(escape(text[pos:match.start()]))
+        out.append(Markup('<a href="{0}" target="_blank" rel="noopener noreferrer nofollow ugc">{0}</a>').format(trimmed))
+        pos = end
+    out.append(escape(text[pos:]))
+    return Markup("").join(out)
+
+
+def short_time(value: datetime | None, now: datetime | None = None) -> str:
+    """Format a time for lists: hh:mm today, the weekday this week, else the date (UTC; JS localises)."""
+    if value is None:
+        return ""
+    now = now or datetime.now(timezone.utc)
+    if value.date() == now.date():
+        return value.strftime("%H:%M")
+    if 0 < (now.date() - value.date()).days < 7:
+        return value.strftime("%a")
+    return value.strftime("%Y-%m-%d")
+
+
+def iso(value: datetime | None) -> str:
+    return value.isoformat() if value else ""
+
+
+def register_filters(app: Flask) -> None:
+    app.jinja_env.filters["linkify"] = linkify
+    app.jinja_env.filters["short_time"] = short_time
+    app.jinja_env.filters["iso"] = iso
