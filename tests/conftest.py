@@ -77,10 +77,20 @@ def client(app):
     return app.test_client()
 
 
-def make_user(username: str, password: str = "password123", name: str = ""):
-    from webchat.services.accounts import register_user
+_HASHES: dict[str, str] = {}
 
-    return register_user(username, password, name or username.capitalize())
+
+def make_user(username: str, password: str = "password123", name: str = "", **fields):
+    """Insert a user directly (argon2 hashing once per password keeps big fixtures fast)."""
+    from webchat.models import User
+    from webchat.services.accounts import hash_password
+
+    if password not in _HASHES:
+        _HASHES[password] = hash_password(password)
+    user = User(username=username, name=name or username.capitalize(), password_hash=_HASHES[password], **fields)
+    db.session.add(user)
+    db.session.commit()
+    return user
 
 
 @pytest.fixture
@@ -148,3 +158,43 @@ def count_queries(app):
         with app.app_context():
             return QueryCounter(db.engine)
     return factory
+
+
+@pytest.fixture(scope="session")
+def live_server(app):
+    """A real gunicorn (gevent) process on the test database and Redis."""
+    from tests.support import WebServer
+
+    server = WebServer(app).start()
+    yield server
+    server.stop()
+
+
+def find_browser() -> str | None:
+    """Return a Chromium for Playwright: Debian's, WEBCHAT_BROWSER, or Playwright's own (None if none)."""
+    for path in (os.environ.get("WEBCHAT_BROWSER"), "/usr/bin/chromium", "/usr/bin/chromium-browser"):
+        if path and os.path.exists(path):
+            return path
+    return ""  # "" = let Playwright use its own download, if it has one
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium driven by Playwright; skipped loudly when none exists (never in CI)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed")
+    executable = find_browser()
+    with sync_playwright() as pw:
+        try:
+            browser = pw.chromium.launch(
+                executable_path=executable or None, headless=True,
+                args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                      "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        except Exception as exc:
+            if os.environ.get("WEBCHAT_REQUIRE_BROWSER"):
+                raise
+            pytest.skip(f"NO BROWSER: browser tests skipped ({exc.__class__.__name__})")
+        yield browser
+        browser.close()

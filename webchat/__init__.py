@@ -155,12 +155,21 @@ def _register_errors(app: Flask) -> None:
         if request.path.startswith("/healthz"):
             return jsonify({"status": "error", "message": message}), status
         if is_htmx():
-            return render_template("errors/_error.html", status=status, message=message), status
+            # htmx swaps 4xx answers (see base.html); put the message where the user will see it.
+            headers = {"HX-Retarget": "#flash", "HX-Reswap": "innerHTML"}
+            return render_template("errors/_error.html", status=status, message=message), status, headers
         return render_template("errors/error.html", status=status, message=message), status
 
     @app.errorhandler(CSRFError)
     def csrf_error(exc: CSRFError):
         return render_error(400, _("Your form expired or was not sent by this site. Reload the page and try again."))
+
+    from .services import DomainError
+
+    @app.errorhandler(DomainError)
+    def domain_error(exc: DomainError):
+        db.session.rollback()
+        return render_error(exc.status, exc.message)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -88,6 +88,8 @@ class Config:
 class TestConfig(Config):
     """Settings for the test suite: TEST_DATABASE_URL / TEST_REDIS_URL, or embedded defaults."""
 
+    __test__ = False  # not a pytest class
+
     def __init__(self) -> None:
         super().__init__()
         self.TESTING = True

@@ -11,7 +11,8 @@ class RegisterForm(FlaskForm):
         DataRequired(), Length(3, 32),
         Regexp(r"^[A-Za-z0-9_.-]+$", message=_l("Only letters, digits, '_', '.' and '-'."))])
     name = StringField(_l("Nickname"), validators=[Optional(), Length(max=64)])
-    password = PasswordField(_l("Password"), validators=[DataRequired(), Length(min=8, max=1024)])
+    password = PasswordField(_l("Password"), validators=[
+        DataRequired(), Length(min=8, max=1024, message=_l("Passwords need 8 to 1024 characters."))])
 
 
 class LoginForm(FlaskForm):

@@ -24,9 +24,12 @@ def _fail(exc: DomainError, page=None, **context):
         response.headers["HX-Retarget"] = "#flash"
         response.headers["HX-Reswap"] = "innerHTML"
         return response
-    if page is None:
+    if page is None or exc.status == 404:
         return render_template("errors/error.html", status=exc.status, message=exc.message), exc.status
-    return page(error=exc.message, **context), exc.status
+    try:
+        return page(error=exc.message, **context), exc.status
+    except DomainError as again:
+        return render_template("errors/error.html", status=again.status, message=again.message), again.status
 
 
 def _me() -> User:
@@ -101,11 +104,14 @@ def create_conversation():
 
 
 def _chat_page(cid, error: str | None = None, before=None):
-    conversation, membership = convs.get_conversation_for(current_user.id, cid)
+    user_id = current_user.id
+    conversation, membership = convs.get_conversation_for(user_id, cid)
+    # Mark read first: its commit expires loaded objects, and reloading them afterwards
+    # would cost one query per message.
+    convs.mark_read(user_id, conversation)
     messages = msgs.messages_page(conversation.id, before=before)
     members = convs.members_of(conversation.id)
-    convs.mark_read(current_user.id, conversation)
-    rows = convs.conversation_list(current_user.id)
+    rows = convs.conversation_list(user_id)
     online = online_user_ids(redis_store.client, [u.id for _m, u in members if u.id != current_user.id])
     peer = next((u for _m, u in members if u.id != current_user.id), None) if not conversation.is_group else None
     return render_template(

@@ -129,6 +129,17 @@ class Hub:
         for client in self.all_clients():
             client.close(code, reason)
 
+    def watch_worker(self, worker) -> None:
+        """Close every socket with 1012 as soon as a gunicorn worker starts shutting down."""
+
+        def watch() -> None:
+            while worker.alive:
+                time.sleep(0.2)
+            log.info("worker stopping: closing %d sockets with 1012", self.socket_count())
+            self.close_all(1012, "server restart")
+
+        threading.Thread(target=watch, name="webchat-shutdown", daemon=True).start()
+
     # -- background work ---------------------------------------------------------------------
     def _ensure_started(self) -> None:
         with self.lock:

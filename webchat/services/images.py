@@ -11,7 +11,7 @@ from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
 
 from ..extensions import db
-from ..models import Image
+from ..models import Image, new_image_id
 from . import DomainError
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "GIF", "WEBP"}
@@ -85,6 +85,7 @@ def store_upload(upload, *, uploader_id: int | None = None, conversation_id: int
     """Validate an uploaded file and add it to the session as an Image (not committed)."""
     encoded = encode_image(_read_upload(upload))
     image = Image(
+        id=new_image_id(),  # needed before flush: callers store the id on their rows
         uploader_id=uploader_id,
         conversation_id=conversation_id,
         content_type="image/webp",

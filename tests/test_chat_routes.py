@@ -1,0 +1,268 @@
+"""Chat routes: authorization, htmx and plain responses, query budgets, XSS."""
+import io
+import re
+
+import pytest
+from sqlalchemy import func, select
+
+from tests.conftest import image_bytes, login_client, make_user
+from webchat.extensions import db
+from webchat.models import Conversation, Membership, Message, User
+from webchat.services import conversations as convs
+from webchat.services import messages as msgs
+
+HX = {"HX-Request": "true"}
+
+
+@pytest.fixture
+def setup(app, users):
+    """alice+bob 1:1 with two messages; group owned by alice with bob and carol; dave outside."""
+    with app.test_request_context():
+        alice, bob, carol = (db.session.get(User, users[n]) for n in ("alice", "bob", "carol"))
+        direct = convs.find_or_create_direct(alice, bob)
+        m1 = msgs.send_message(alice, direct, "hello bob")[0]
+        msgs.send_message(bob, direct, "hi alice")
+        group = convs.create_group(alice, "Team", [bob.id, carol.id])
+        return {"direct": direct.id, "group": group.id, "m1": m1.id, **users}
+
+
+def as_user(app, name):
+    return login_client(app, name) if name else app.test_client()
+
+
+# (method, path template, owner-only)
+ROUTES = [
+    ("get", "/conversations/{cid}", False),
+    ("get", "/conversations/{cid}/messages?before={m1}", False),
+    ("post", "/conversations/{cid}/messages", False),
+    ("post", "/conversations/{cid}/read", False),
+    ("post", "/conversations/{cid}/hide", False),
+    ("post", "/conversations/{cid}/leave", False),
+    ("post", "/conversations/{cid}/members", True),
+    ("post", "/conversations/{cid}/members/{bob}/remove", True),
+    ("post", "/conversations/{cid}/settings", True),
+    ("post", "/conversations/{cid}/disband", True),
+]
+
+
+@pytest.mark.parametrize("method, path, owner_only", ROUTES)
+def test_anonymous_is_sent_to_login(app, setup, method, path, owner_only):
+    client = app.test_client()
+    url = path.format(cid=setup["group"], **setup)
+    response = getattr(client, method)(url, **({"csrf": False} if method == "post" else {}))
+    # Anonymous POSTs without a token fail CSRF first (400); GETs redirect to sign in.
+    assert response.status_code in ((302, 303) if method == "get" else (400, 302, 303))
+    anon_htmx = getattr(client, method)(url, headers=HX, **({"csrf": False} if method == "post" else {}))
+    assert anon_htmx.status_code in ((401,) if method == "get" else (400, 401))
+
+
+@pytest.mark.parametrize("method, path, owner_only", ROUTES)
+def test_non_member_gets_404(app, setup, method, path, owner_only):
+    client = as_user(app, "dave")
+    url = path.format(cid=setup["group"], **setup)
+    response = getattr(client, method)(url, data={"body": "x", "member_ids": [setup["dave"]], "name": "n"}) \
+        if method == "post" else client.get(url)
+    assert response.status_code == 404
+    assert "Team" not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("method, path, owner_only", [r for r in ROUTES if r[2]])
+def test_member_who_is_not_owner_gets_403(app, setup, method, path, owner_only):
+    client = as_user(app, "carol")
+    url = path.format(cid=setup["group"], **setup)
+    response = client.post(url, data={"member_ids": [setup["dave"]], "name": "mine"})
+    assert response.status_code == 403
+    with app.app_context():
+        assert db.session.get(Conversation, setup["group"]).name == "Team"
+
+
+def test_owner_actions(app, setup):
+    client = as_user(app, "alice")
+    gid = setup["group"]
+    assert client.post(f"/conversations/{gid}/members", data={"usernames": "dave"}).status_code == 303
+    assert client.post(f"/conversations/{gid}/members/{setup['bob']}/remove").status_code == 303
+    assert client.post(f"/conversations/{gid}/settings", data={"name": "Renamed"}).status_code == 303
+    with app.app_context():
+        members = set(db.session.scalars(select(Membership.user_id).where(Membership.conversation_id == gid)))
+        assert members == {setup["alice"], setup["carol"], setup["dave"]}
+        assert db.session.get(Conversation, gid).name == "Renamed"
+    response = client.post(f"/conversations/{gid}/disband")
+    assert response.status_code == 303 and response.headers["Location"] == "/"
+    with app.app_context():
+        assert db.session.get(Conversation, gid) is None
+
+
+def test_add_unknown_username_is_a_clear_422(app, setup):
+    client = as_user(app, "alice")
+    response = client.post(f"/conversations/{setup['group']}/members", data={"usernames": "ghost"})
+    assert response.status_code == 422
+    assert "No user called ghost" in response.get_data(as_text=True)
+
+
+def test_member_can_read_send_hide_and_leave(app, setup):
+    client = as_user(app, "carol")
+    gid = setup["group"]
+    assert client.get(f"/conversations/{gid}").status_code == 200
+    assert client.post(f"/conversations/{gid}/messages", data={"body": "carol here"}).status_code == 303
+    assert client.post(f"/conversations/{gid}/read").status_code == 303
+    assert client.post(f"/conversations/{gid}/hide").status_code == 303
+    assert f"conversation-{gid}" not in client.get("/").get_data(as_text=True)
+    assert client.post(f"/conversations/{gid}/leave").status_code == 303
+    assert client.get(f"/conversations/{gid}").status_code == 404
+
+
+def test_start_direct_conversation_by_id_or_username(app, setup):
+    alice = as_user(app, "alice")
+    bob = as_user(app, "bob")
+    first = alice.post("/conversations", data={"user_id": setup["bob"]})
+    second = bob.post("/conversations", data={"username": "ALICE"})
+    assert first.status_code == second.status_code == 303
+    assert first.headers["Location"] == second.headers["Location"] == f"/conversations/{setup['direct']}"
+    assert alice.post("/conversations", data={"username": "ghost"}).status_code == 404
+
+
+def test_create_group_route(app, setup):
+    client = as_user(app, "dave")
+    response = client.post("/conversations", data={"name": "Dave's", "member_ids": [setup["bob"], setup["carol"]],
+                                                   "image": (io.BytesIO(image_bytes()), "g.png")},
+                           content_type="multipart/form-data")
+    assert response.status_code == 303
+    page = client.get(response.headers["Location"]).get_data(as_text=True)
+    assert "Dave&#39;s" in page and "Dave created the group" in page
+    too_few = client.post("/conversations", data={"name": "x", "member_ids": [setup["bob"]]})
+    assert too_few.status_code == 422 and "at least 2" in too_few.get_data(as_text=True)
+
+
+def test_send_over_htmx_answers_201_with_the_fragment(app, setup):
+    client = as_user(app, "alice")
+    response = client.post(f"/conversations/{setup['direct']}/messages", data={"body": "frag", "client_id": "k1"},
+                           headers=HX)
+    assert response.status_code == 201
+    html = response.get_data(as_text=True)
+    assert "<html" not in html and re.search(r'id="message-\d+"', html)
+    again = client.post(f"/conversations/{setup['direct']}/messages", data={"body": "frag", "client_id": "k1"},
+                        headers=HX)
+    assert again.status_code == 200
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(Message).where(Message.body == "frag")) == 1
+
+
+@pytest.mark.parametrize("data, status", [({"body": ""}, 422), ({"body": "  "}, 422), ({"body": "y" * 4001}, 422),
+                                          ({"body": "ok", "client_id": "z" * 65}, 422)])
+def test_bad_message_is_a_clear_4xx(app, setup, data, status):
+    client = as_user(app, "alice")
+    response = client.post(f"/conversations/{setup['direct']}/messages", data=data)
+    assert response.status_code == status
+    htmx = client.post(f"/conversations/{setup['direct']}/messages", data=dict(data), headers=HX)
+    assert htmx.status_code == status and htmx.headers["HX-Retarget"] == "#flash"
+
+
+def test_image_message_and_membership_checked_serving(app, setup):
+    client = as_user(app, "alice")
+    response = client.post(f"/conversations/{setup['direct']}/messages",
+                           data={"body": "", "image": (io.BytesIO(image_bytes("JPEG")), "p.jpg")},
+                           content_type="multipart/form-data")
+    assert response.status_code == 303
+    with app.app_context():
+        image_id = db.session.scalar(select(Message.image_id).where(Message.image_id.is_not(None)))
+    assert client.get(f"/images/{image_id}").status_code == 200
+    assert client.get(f"/images/{image_id}/thumb").status_code == 200
+    assert as_user(app, "dave").get(f"/images/{image_id}").status_code == 404
+    assert app.test_client().get(f"/images/{image_id}").status_code in (302, 303)
+    bad = client.post(f"/conversations/{setup['direct']}/messages",
+                      data={"body": "", "image": (io.BytesIO(b"MZ\x90\x00 not an image"), "p.png")},
+                      content_type="multipart/form-data")
+    assert bad.status_code == 400
+
+
+def test_older_messages_fragment(app, setup):
+    client = as_user(app, "alice")
+    with app.test_request_context():
+        alice = db.session.get(User, setup["alice"])
+        direct = db.session.get(Conversation, setup["direct"])
+        for i in range(60):
+            msgs.send_message(alice, direct, f"n{i}")
+    page = client.get(f"/conversations/{setup['direct']}").get_data(as_text=True)
+    assert page.count('class="msg"') == 50 and "load-older" in page
+    oldest_shown = int(re.search(r'id="message-(\d+)"', page).group(1))
+    fragment = client.get(f"/conversations/{setup['direct']}/messages?before={oldest_shown}", headers=HX)
+    assert fragment.status_code == 200
+    assert fragment.get_data(as_text=True).count('class="msg"') == 12
+    assert client.get(f"/conversations/{setup['direct']}/messages?before=999999", headers=HX).status_code == 404
+    assert client.get(f"/conversations/{setup['direct']}/messages?before=abc", headers=HX).status_code == 400
+
+
+def test_opening_marks_read_and_title_shows_total(app, setup):
+    alice = as_user(app, "alice")
+    index = alice.get("/").get_data(as_text=True)
+    # bob answered "hi alice" (1 unread for alice); bob's own reply marked alice's message read for him.
+    assert re.search(rf'id="unread-{setup["direct"]}" class="badge" >1<', index)
+    assert "<title data-base=\"webchat\">(1) webchat</title>" in index
+    assert re.search(rf'id="unread-{setup["direct"]}" class="badge" hidden>', as_user(app, "bob").get("/").text)
+    alice.get(f"/conversations/{setup['direct']}")
+    index = alice.get("/").get_data(as_text=True)
+    assert re.search(rf'id="unread-{setup["direct"]}" class="badge" hidden>', index)
+
+
+def test_user_search_fragment(app, setup):
+    client = as_user(app, "alice")
+    html = client.get("/users/search?q=ca", headers=HX).get_data(as_text=True)
+    assert f'data-user-id="{setup["carol"]}"' in html and 'data-username="carol"' in html
+    assert "<html" not in html
+    assert 'data-username="alice"' not in client.get("/users/search?q=ali", headers=HX).get_data(as_text=True)
+
+
+XSS = '<script>alert(1)</script><img src=x onerror=alert(2)>"\'&'
+
+
+def test_xss_payloads_are_inert(app, setup):
+    with app.test_request_context():
+        evil = make_user("mallory", name=XSS)
+        alice = db.session.get(User, setup["alice"])
+        group = convs.create_group(evil, XSS, [alice.id, setup["bob"]])
+        msgs.send_message(evil, group, XSS + " javascript:alert(3) http://ok.example/?a=<b>")
+        gid = group.id
+    client = as_user(app, "alice")
+    for url in ("/", f"/conversations/{gid}", "/users/search?q=mall"):
+        html = client.get(url).get_data(as_text=True)
+        assert "<script>alert(1)" not in html
+        assert "<img src=x" not in html
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    chat = client.get(f"/conversations/{gid}").get_data(as_text=True)
+    assert 'href="javascript:' not in chat
+    # The link stops at "<"; the rest is escaped text.
+    assert '<a href="http://ok.example/?a="' in chat and "&lt;b&gt;" in chat
+
+
+@pytest.mark.parametrize("n", [5, 200])
+def test_list_page_query_count_is_constant(app, users, count_queries, n):
+    with app.test_request_context():
+        alice = db.session.get(User, users["alice"])
+        for i in range(n):
+            other = make_user(f"peer{i:03d}")
+            conversation = convs.find_or_create_direct(alice, other)
+            msgs.send_message(other, conversation, "hi")
+    client = login_client(app, "alice")
+    counter = count_queries()
+    with counter:
+        response = client.get("/")
+    assert response.status_code == 200
+    assert response.get_data(as_text=True).count('class="conv-row"') == n
+    assert counter.count == 4, counter.statements  # user, rows, peers, unread counts
+
+
+@pytest.mark.parametrize("n", [5, 200])
+def test_chat_page_query_count_is_constant(app, users, count_queries, n):
+    with app.test_request_context():
+        alice, bob = db.session.get(User, users["alice"]), db.session.get(User, users["bob"])
+        group = convs.create_group(alice, "G", [bob.id, users["carol"]])
+        for i in range(n):
+            msgs.send_message(bob if i % 2 else alice, group, f"m{i}")
+        gid = group.id
+    client = login_client(app, "alice")
+    counter = count_queries()
+    with counter:
+        response = client.get(f"/conversations/{gid}")
+    assert response.status_code == 200
+    # user, conversation+membership, messages, members, mark read, list rows, peers, unread counts
+    assert counter.count == 8, counter.statements

@@ -1,0 +1,291 @@
+"""Conversation and message services."""
+import io
+import threading
+
+import pytest
+from sqlalchemy import func, select
+from werkzeug.datastructures import FileStorage
+
+from tests.conftest import image_bytes, make_user
+from webchat.extensions import db
+from webchat.models import Conversation, Image, Membership, Message, Unread, User
+from webchat.services import DomainError, Forbidden, NotFound
+from webchat.services import conversations as convs
+from webchat.services import messages as msgs
+
+
+@pytest.fixture
+def people(app, ctx, users):
+    return {name: db.session.get(User, uid) for name, uid in users.items()}
+
+
+def upload(data=None, name="p.png"):
+    return FileStorage(io.BytesIO(data if data is not None else image_bytes()), filename=name)
+
+
+def count(model, *where):
+    return db.session.scalar(select(func.count()).select_from(model).where(*where))
+
+
+def test_direct_conversation_is_found_not_duplicated(people):
+    a = convs.find_or_create_direct(people["alice"], people["bob"])
+    b = convs.find_or_create_direct(people["bob"], people["alice"])
+    assert a.id == b.id
+    assert count(Conversation) == 1
+
+
+def test_direct_with_yourself_is_refused(people):
+    with pytest.raises(DomainError):
+        convs.find_or_create_direct(people["alice"], people["alice"])
+
+
+def test_concurrent_find_or_create_makes_one_conversation(app, users):
+    results, errors = [], []
+    barrier = threading.Barrier(4)
+
+    def start(first, second):
+        with app.app_context():
+            try:
+                a, b = db.session.get(User, users[first]), db.session.get(User, users[second])
+                barrier.wait()
+                results.append(convs.find_or_create_direct(a, b).id)
+            except Exception as exc:  # pragma: no cover - the assertion below shows it
+                errors.append(exc)
+            finally:
+                db.session.remove()
+
+    threads = [threading.Thread(target=start, args=p) for p in
+               [("alice", "bob"), ("bob", "alice"), ("alice", "bob"), ("bob", "alice")]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(set(results)) == 1
+    with app.app_context():
+        assert count(Conversation) == 1
+
+
+def test_create_group_with_system_line(people):
+    group = convs.create_group(people["alice"], "Team", [people["bob"].id, people["carol"].id])
+    assert group.is_group and group.owner_id == people["alice"].id
+    assert count(Membership, Membership.conversation_id == group.id) == 3
+    line = db.session.scalar(select(Message).where(Message.conversation_id == group.id))
+    assert line.kind == "system" and msgs.system_text(line) == "Alice created the group “Team”"
+
+
+@pytest.mark.parametrize("members, message", [([], "at least 2"), (["bob"], "at least 2")])
+def test_group_needs_two_others(people, members, message):
+    with pytest.raises(DomainError, match=message):
+        convs.create_group(people["alice"], "T", [people[m].id for m in members])
+
+
+def test_group_at_most_200_others(app, people):
+    extra = [make_user(f"user{i:03d}").id for i in range(201)]
+    with pytest.raises(DomainError, match="at most 200"):
+        convs.create_group(people["alice"], "Big", extra)
+    group = convs.create_group(people["alice"], "Big", extra[:200])
+    assert count(Membership, Membership.conversation_id == group.id) == 201
+
+
+def test_group_with_unknown_user_is_refused(people):
+    with pytest.raises(DomainError, match="do not exist"):
+        convs.create_group(people["alice"], "T", [people["bob"].id, 99999])
+    assert count(Conversation) == 0
+
+
+def test_group_name_is_checked(people):
+    with pytest.raises(DomainError):
+        convs.create_group(people["alice"], "   ", [people["bob"].id, people["carol"].id])
+
+
+def test_add_and_remove_members_name_the_right_person(people):
+    group = convs.create_group(people["alice"], "T", [people["bob"].id, people["carol"].id])
+    convs.add_members(people["alice"], group, [people["dave"].id])
+    convs.remove_member(people["alice"], group, people["bob"].id)
+    lines = [msgs.system_text(m) for m in db.session.scalars(
+        select(Message).where(Message.conversation_id == group.id).order_by(Message.id))]
+    assert lines[1:] == ["Alice added Dave", "Alice removed Bob"]
+    assert db.session.get(Membership, (group.id, people["bob"].id)) is None
+
+
+def test_only_the_owner_manages_members(people):
+    group = convs.create_group(people["alice"], "T", [people["bob"].id, people["carol"].id])
+    with pytest.raises(Forbidden):
+        convs.add_members(people["bob"], group, [people["dave"].id])
+    with pytest.raises(Forbidden):
+        convs.remove_member(people["bob"], group, people["carol"].id)
+    with pytest.raises(Forbidden):
+        convs.disband(people["bob"], group)
+    with pytest.raises(Forbidden):
+        convs.update_group(people["bob"], group, name="Mine")
+
+
+def test_adding_unknown_or_existing_members_is_refused(people):
+    group = convs.create_group(people["alice"], "T", [people["bob"].id, people["carol"].id])
+    with pytest.raises(DomainError):
+        convs.add_members(people["alice"], group, [424242])
+    with pytest.raises(DomainError, match="already"):
+        convs.add_members(people["alice"], group, [people["bob"].id])
+
+
+def test_leave_hands_ownership_to_longest_member(people):
+    group = convs.create_group(people["alice"], "T", [people["bob"].id, people["carol"].id])
+    convs.leave(people["alice"], group)
+    db.session.refresh(group)
+    assert group.owner_id == people["bob"].id
+    last = db.session.scalar(select(Message).where(Message.conversation_id == group.id).order_by(Message.id.desc()))
+    assert msgs.system_text(last) == "Alice left the group"
+
+
+def test_rename_writes_a_system_line(people):
+    group = convs.create_group(people["alice"], "T", [people["bob"].id, people["carol"].id])
+    convs.update_group(people["alice"], group, name="New name")
+    assert group.name == "New name"
+    assert group.last_message_text == "Alice renamed the group to “New name”"
+
+
+def test_disband_deletes_everything(people):
+    group = convs.create_group(people["alice"], "T", [people["bob"].id, people["carol"].id], upload())
+    msgs.send_message(people["bob"], group, "pic", upload())
+    gid = group.id
+    convs.disband(people["alice"], group)
+    assert count(Conversation, Conversation.id == gid) == 0
+    assert count(Message, Message.conversation_id == gid) == 0
+    assert count(Membership, Membership.conversation_id == gid) == 0
+    assert count(Unread, Unread.conversation_id == gid) == 0
+    assert count(Image) == 0
+
+
+def test_send_updates_last_message_and_writes_constant_rows(app, people, count_queries):
+    extra = [make_user(f"m{i:03d}").id for i in range(60)]
+    small = convs.create_group(people["alice"], "small", [people["bob"].id, people["carol"].id])
+    big = convs.create_group(people["alice"], "big", extra)
+    writes = {}
+    for group in (small, big):
+        counter = count_queries()
+        with counter:
+            message, created = msgs.send_message(people["alice"], group, "hello")
+        writes[group.name] = [s for s in counter.statements if s.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE"))]
+        assert created
+        db.session.refresh(group)
+        assert group.last_message_id == message.id and group.last_message_text == "hello"
+    # Same statements for 3 and 61 members: no per-member writes.
+    assert len(writes["small"]) == len(writes["big"]) == 3
+
+
+def test_unread_counts_are_exact_and_uncapped(people):
+    direct = convs.find_or_create_direct(people["alice"], people["bob"])
+    for i in range(150):
+        msgs.send_message(people["alice"], direct, f"m{i}")
+    assert convs.unread_counts(people["bob"].id) == {direct.id: 150}
+    assert convs.unread_counts(people["alice"].id) == {}  # never unread of your own
+    convs.mark_read(people["bob"].id, direct)
+    assert convs.unread_counts(people["bob"].id) == {}
+
+
+def test_system_lines_are_not_unread(people):
+    group = convs.create_group(people["alice"], "T", [people["bob"].id, people["carol"].id])
+    assert convs.unread_counts(people["bob"].id) == {}
+    msgs.send_message(people["alice"], group, "hi")
+    assert convs.unread_counts(people["bob"].id) == {group.id: 1}
+
+
+def test_hidden_conversation_returns_on_new_message_with_unread(people):
+    direct = convs.find_or_create_direct(people["alice"], people["bob"])
+    msgs.send_message(people["alice"], direct, "one")
+    membership = db.session.get(Membership, (direct.id, people["bob"].id))
+    convs.hide(people["bob"], direct, membership)
+    assert [r.id for r in convs.conversation_list(people["bob"].id)] == []
+    assert [r.id for r in convs.conversation_list(people["alice"].id)] == [direct.id]  # only for bob
+    msgs.send_message(people["alice"], direct, "two")
+    rows = convs.conversation_list(people["bob"].id)
+    assert [(r.id, r.unread) for r in rows] == [(direct.id, 2)]
+
+
+@pytest.mark.parametrize("body, image, message", [
+    ("", None, "Write something"), ("   \n ", None, "Write something"), ("x" * 4001, None, "at most 4000"),
+])
+def test_bad_messages_are_refused(people, body, image, message):
+    direct = convs.find_or_create_direct(people["alice"], people["bob"])
+    with pytest.raises(DomainError, match=message):
+        msgs.send_message(people["alice"], direct, body, image)
+    assert count(Message) == 0
+
+
+def test_image_only_message_previews_as_image(people):
+    direct = convs.find_or_create_direct(people["alice"], people["bob"])
+    message, _ = msgs.send_message(people["alice"], direct, "", upload())
+    db.session.refresh(direct)
+    assert message.image_id and direct.last_message_image and direct.last_message_text == ""
+
+
+def test_non_image_attachment_is_refused(people):
+    direct = convs.find_or_create_direct(people["alice"], people["bob"])
+    with pytest.raises(DomainError):
+        msgs.send_message(people["alice"], direct, "x", upload(b"<?php evil ?>", "x.png"))
+    assert count(Message) == 0 and count(Image) == 0
+
+
+def test_repeated_client_id_returns_the_first_message(people):
+    direct = convs.find_or_create_direct(people["alice"], people["bob"])
+    first, created1 = msgs.send_message(people["alice"], direct, "once", client_id="abc")
+    again, created2 = msgs.send_message(people["alice"], direct, "once", client_id="abc")
+    assert (created1, created2) == (True, False) and first.id == again.id
+    other, created3 = msgs.send_message(people["bob"], direct, "once", client_id="abc")
+    assert created3 and other.id != first.id
+    assert count(Message) == 2
+
+
+def test_long_client_id_is_refused(people):
+    direct = convs.find_or_create_direct(people["alice"], people["bob"])
+    with pytest.raises(DomainError):
+        msgs.send_message(people["alice"], direct, "x", client_id="c" * 65)
+
+
+def test_messages_page_keyset(people):
+    direct = convs.find_or_create_direct(people["alice"], people["bob"])
+    ids = [msgs.send_message(people["alice"], direct, f"m{i}")[0].id for i in range(120)]
+    newest = msgs.messages_page(direct.id)
+    assert [m.id for m in newest] == ids[-50:]
+    older = msgs.messages_page(direct.id, before=newest[0].id)
+    assert [m.id for m in older] == ids[-100:-50]
+    oldest = msgs.messages_page(direct.id, before=older[0].id)
+    assert [m.id for m in oldest] == ids[:20]
+
+
+def test_before_must_belong_to_the_conversation(people):
+    one = convs.find_or_create_direct(people["alice"], people["bob"])
+    two = convs.find_or_create_direct(people["alice"], people["carol"])
+    foreign = msgs.send_message(people["alice"], two, "x")[0]
+    with pytest.raises(NotFound):
+        msgs.messages_page(one.id, before=foreign.id)
+    with pytest.raises(DomainError):
+        msgs.messages_page(one.id, before="abc")
+
+
+def test_get_conversation_for_non_member_is_not_found(people):
+    direct = convs.find_or_create_direct(people["alice"], people["bob"])
+    with pytest.raises(NotFound):
+        convs.get_conversation_for(people["carol"].id, direct.id)
+    with pytest.raises(NotFound):
+        convs.get_conversation_for(people["carol"].id, 987654)
+
+
+def test_list_is_newest_first_and_names_the_other_person(people):
+    one = convs.find_or_create_direct(people["alice"], people["bob"])
+    group = convs.create_group(people["carol"], "G", [people["alice"].id, people["dave"].id])
+    msgs.send_message(people["alice"], one, "later")
+    rows = convs.conversation_list(people["alice"].id)
+    assert [r.id for r in rows] == [one.id, group.id]
+    assert rows[0].title == "Bob" and rows[1].title == "G"
+
+
+def test_replay_returns_newer_messages_and_late_committers(people):
+    direct = convs.find_or_create_direct(people["alice"], people["bob"])
+    ids = [msgs.send_message(people["alice"], direct, f"m{i}")[0].id for i in range(5)]
+    replay = [m.id for m in msgs.messages_for_replay(people["bob"].id, ids[2])]
+    # Everything newer, plus the recent ones just before: a message can commit after a newer id.
+    assert ids[3] in replay and ids[4] in replay
+    assert replay == sorted(replay)
+    assert not msgs.messages_for_replay(people["carol"].id, 0)

@@ -1,0 +1,19 @@
+"""gunicorn settings for the Procfile's web process (gunicorn -c webchat/gunicorn_conf.py)."""
+import os
+
+bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+# gevent: one process holds thousands of sockets (gunicorn 27 has no eventlet worker).
+worker_class = "gevent"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "20000"))
+timeout = 60
+graceful_timeout = 10
+accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+
+
+def post_worker_init(worker):
+    """Close this worker's sockets with 1012 when it is told to stop, so browsers reconnect."""
+    from webchat.realtime.hub import hub
+
+    hub.watch_worker(worker)
