@@ -205,6 +205,9 @@ class Message(db.Model):
         Index("ix_messages_sender_id", "sender_id"),
         # Idempotent send: one message per (sender, conversation, client_id).
         UniqueConstraint("sender_id", "conversation_id", "client_id", name="uq_messages_client_id"),
+        # Never reuse an id on SQLite (it would after the newest rows are purged): clients
+        # dedupe and replay by id.
+        {"sqlite_autoincrement": True},
     )
 
 

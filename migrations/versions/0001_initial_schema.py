@@ -125,7 +125,8 @@ def upgrade():
     sa.ForeignKeyConstraint(['image_id'], ['images.id'], ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['sender_id'], ['users.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('sender_id', 'conversation_id', 'client_id', name='uq_messages_client_id')
+    sa.UniqueConstraint('sender_id', 'conversation_id', 'client_id', name='uq_messages_client_id'),
+    sqlite_autoincrement=True,
     )
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.create_index('ix_messages_conversation_id_id', ['conversation_id', 'id'], unique=False)

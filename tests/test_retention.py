@@ -1,0 +1,165 @@
+"""Retention: the purge service, the CLI, overlapping runs, and real rq cron + rq worker processes."""
+import io
+import os
+import subprocess
+import time
+from datetime import timedelta
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import func, select, update
+from werkzeug.datastructures import FileStorage
+
+from tests.conftest import image_bytes, make_user
+from tests.support import BIN, ROOT, process_env
+from webchat.extensions import db, redis_store
+from webchat.models import Conversation, Image, Message, RetentionRun, utcnow
+from webchat.services import conversations as convs
+from webchat.services import messages as msgs
+from webchat.services.retention import LOCK_NAME, purge_expired_messages
+
+
+@pytest.fixture
+def pair(app, ctx):
+    alice, bob = make_user("alice"), make_user("bob")
+    return alice, bob, convs.find_or_create_direct(alice, bob)
+
+
+def age(message_ids, days):
+    db.session.execute(update(Message).where(Message.id.in_(message_ids)).values(
+        created_at=utcnow() - timedelta(days=days)))
+    db.session.commit()
+
+
+def count(model, *where):
+    return db.session.scalar(select(func.count()).select_from(model).where(*where))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ages=st.lists(st.floats(min_value=0, max_value=20, allow_nan=False), min_size=1, max_size=25),
+       batch=st.integers(min_value=1, max_value=7))
+def test_exactly_the_expired_messages_go(app, ctx, ages, batch):
+    for model in (Message, Image, convs.Unread, convs.Membership, Conversation):
+        db.session.execute(model.__table__.delete())
+    db.session.commit()
+    redis_store.client.delete(LOCK_NAME)
+    alice = db.session.scalar(select(convs.User).where(convs.User.username == "alice")) or make_user("alice")
+    bob = db.session.scalar(select(convs.User).where(convs.User.username == "bob")) or make_user("bob")
+    direct = convs.find_or_create_direct(alice, bob)
+    now = utcnow()
+    for i, days in enumerate(ages):
+        message, _ = msgs.send_message(alice, direct, f"m{i}")
+        message.created_at = now - timedelta(days=days)
+    db.session.commit()
+    result = purge_expired_messages(7, batch_size=batch, trigger="test")
+    remaining = {m.body for m in db.session.scalars(select(Message))}
+    # A small margin either side of the cut-off: the clock moves during the run.
+    expected_gone = {f"m{i}" for i, d in enumerate(ages) if d > 7 + 1e-3}
+    expected_kept = {f"m{i}" for i, d in enumerate(ages) if d < 7 - 1e-3}
+    assert not (remaining & expected_gone)
+    assert expected_kept <= remaining
+    assert result.messages == len(ages) - len(remaining)
+    db.session.refresh(direct)
+    newest = db.session.scalar(select(Message).order_by(Message.id.desc()).limit(1))
+    assert direct.last_message_id == (newest.id if newest else None)
+    assert direct.last_message_text == (newest.body if newest else "")
+
+
+def test_images_go_with_their_messages_and_read_state_stays_consistent(pair):
+    alice, bob, direct = pair
+    old, _ = msgs.send_message(alice, direct, "old", FileStorage(io.BytesIO(image_bytes()), filename="a.png"))
+    new, _ = msgs.send_message(alice, direct, "new", FileStorage(io.BytesIO(image_bytes()), filename="b.png"))
+    age([old.id], 8)
+    result = purge_expired_messages(7)
+    assert (result.messages, result.images, result.conversations) == (1, 1, 1)
+    assert count(Image) == 1 and db.session.get(Image, new.image_id) is not None
+    assert convs.unread_counts(bob.id) == {direct.id: 1}  # the read pointer counts only what exists
+
+
+def test_last_message_is_fixed_up_when_everything_expires(pair):
+    alice, bob, direct = pair
+    ids = [msgs.send_message(alice, direct, f"x{i}")[0].id for i in range(3)]
+    age(ids, 30)
+    purge_expired_messages(7, batch_size=2)
+    db.session.refresh(direct)
+    assert (direct.last_message_id, direct.last_message_text, direct.last_message_at) == (None, "", None)
+    run = db.session.scalar(select(RetentionRun))
+    assert (run.messages_deleted, run.batches) == (3, 2)
+
+
+def test_a_second_overlapping_run_returns_at_once(pair):
+    alice, bob, direct = pair
+    ids = [msgs.send_message(alice, direct, "old")[0].id]
+    age(ids, 10)
+    holder = redis_store.client.lock(LOCK_NAME, timeout=60)
+    assert holder.acquire(blocking=False)
+    try:
+        assert purge_expired_messages(7) is None
+        assert count(Message) == 1
+    finally:
+        holder.release()
+    assert purge_expired_messages(7).messages == 1
+
+
+def test_is_idempotent(pair):
+    alice, bob, direct = pair
+    age([msgs.send_message(alice, direct, "old")[0].id], 10)
+    assert purge_expired_messages(7).messages == 1
+    assert purge_expired_messages(7).messages == 0
+
+
+@pytest.mark.parametrize("days", ["0", "-3"])
+def test_cli_refuses_days_below_one(app, days):
+    result = app.test_cli_runner().invoke(args=["purge-messages", "--days", days])
+    assert result.exit_code != 0
+    assert "must be 1 or more" in result.output
+
+
+def test_cli_purges_and_prints_counts(app, pair):
+    alice, bob, direct = pair
+    age([msgs.send_message(alice, direct, "old")[0].id], 3)
+    msgs.send_message(alice, direct, "fresh")
+    result = app.test_cli_runner().invoke(args=["purge-messages", "--days", "2"])
+    assert result.exit_code == 0, result.output
+    assert "Deleted 1 messages" in result.output
+    assert [m.body for m in db.session.scalars(select(Message))] == ["fresh"]
+
+
+def test_chat_page_says_when_messages_disappear(app, pair):
+    from tests.conftest import login_client
+
+    page = login_client(app, "alice").get(f"/conversations/{pair[2].id}").get_data(as_text=True)
+    assert "Messages disappear after 7 days." in page
+
+
+@pytest.mark.processes
+def test_rq_cron_and_worker_purge_on_schedule(app, pair, tmp_path):
+    alice, bob, direct = pair
+    age([msgs.send_message(alice, direct, "expired")[0].id], 9)
+    msgs.send_message(alice, direct, "kept")
+    env = process_env(app, RETENTION_CRON="* * * * *", RQ_QUEUE="webchat-test")
+    log = open(tmp_path / "rq.log", "wb")
+    worker = subprocess.Popen([os.path.join(BIN, "rq"), "worker", "-c", "webchat.jobs.settings"],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    clock = subprocess.Popen([os.path.join(BIN, "rq"), "cron", "-c", "webchat.jobs.settings", "webchat.jobs.cron"],
+                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 100  # the next minute boundary, plus the job
+        while time.time() < deadline:
+            db.session.rollback()
+            if db.session.scalar(select(func.count()).select_from(RetentionRun)):
+                break
+            time.sleep(1)
+        run = db.session.scalar(select(RetentionRun))
+        assert run is not None, (tmp_path / "rq.log").read_text()[-3000:]
+        assert run.messages_deleted == 1 and run.trigger == "cron"
+        assert [m.body for m in db.session.scalars(select(Message))] == ["kept"]
+    finally:
+        for proc in (clock, worker):
+            proc.terminate()
+        for proc in (clock, worker):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
