@@ -102,10 +102,15 @@
     if (cid) socket.send(JSON.stringify({ type: "join", conversation_id: parseInt(cid, 10) }));
     document.body.classList.remove("offline");
   });
+  var leaving = false;
+  window.addEventListener("beforeunload", function () { leaving = true; });
   document.addEventListener("htmx:wsClose", function (evt) {
     document.body.classList.add("offline");
-    // Sign-out or refusal (1008): go to the sign-in page rather than retrying forever.
-    if (evt.detail.event && evt.detail.event.code === 1008) window.location.reload();
+    // Signed out elsewhere, disabled or deleted (1008): reload to reach the sign-in page,
+    // unless this page is already navigating away (its own sign-out form, say).
+    if (evt.detail.event && evt.detail.event.code === 1008 && !leaving) {
+      setTimeout(function () { if (!leaving) window.location.reload(); }, 300);
+    }
   });
 
   function freshClientId(form) {
