@@ -20,8 +20,8 @@ run: install
 	$(BIN)/flask --app wsgi db upgrade
 	@set -m; trap 'kill 0' INT TERM EXIT; \
 	PATH="$(CURDIR)/$(BIN):$$PATH"; \
-	rq worker -c webchat.jobs.settings & \
-	rq cron -c webchat.jobs.settings webchat.jobs.cron & \
+	sh -c 'while :; do rq worker -c webchat.jobs.settings; sleep 5; done' & \
+	sh -c 'while :; do rq cron -c webchat.jobs.settings webchat.jobs.cron; sleep 5; done' & \
 	echo ""; echo "  webchat is running at http://127.0.0.1:$(PORT)/  (Ctrl+C stops it)"; echo ""; \
 	gunicorn -c webchat/gunicorn_conf.py wsgi:app
 

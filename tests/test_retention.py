@@ -1,7 +1,5 @@
 """Retention: the purge service, the CLI, overlapping runs, and real rq cron + rq worker processes."""
 import io
-import os
-import subprocess
 import time
 from datetime import timedelta
 
@@ -12,7 +10,7 @@ from sqlalchemy import func, select, update
 from werkzeug.datastructures import FileStorage
 
 from tests.conftest import image_bytes, make_user
-from tests.support import BIN, ROOT, process_env
+from tests.support import RedisServer, process_env, start_procfile_process, stop_group
 from webchat.extensions import db, redis_store
 from webchat.models import Conversation, Image, Message, RetentionRun, utcnow
 from webchat.services import conversations as convs
@@ -133,33 +131,81 @@ def test_chat_page_says_when_messages_disappear(app, pair):
     assert "Messages disappear after 7 days." in page
 
 
+def wait_for_run(timeout: float) -> RetentionRun | None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        db.session.rollback()
+        run = db.session.scalar(select(RetentionRun).order_by(RetentionRun.id.desc()).limit(1))
+        if run is not None:
+            return run
+        time.sleep(1)
+    return None
+
+
 @pytest.mark.processes
-def test_rq_cron_and_worker_purge_on_schedule(app, pair, tmp_path):
+def test_procfile_clock_and_worker_purge_on_schedule(app, pair, tmp_path):
     alice, bob, direct = pair
     age([msgs.send_message(alice, direct, "expired")[0].id], 9)
     msgs.send_message(alice, direct, "kept")
     env = process_env(app, RETENTION_CRON="* * * * *", RQ_QUEUE="webchat-test")
     log = open(tmp_path / "rq.log", "wb")
-    worker = subprocess.Popen([os.path.join(BIN, "rq"), "worker", "-c", "webchat.jobs.settings"],
-                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    clock = subprocess.Popen([os.path.join(BIN, "rq"), "cron", "-c", "webchat.jobs.settings", "webchat.jobs.cron"],
-                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker, clock = (start_procfile_process(name, env, log) for name in ("worker", "clock"))
     try:
-        deadline = time.time() + 100  # the next minute boundary, plus the job
-        while time.time() < deadline:
-            db.session.rollback()
-            if db.session.scalar(select(func.count()).select_from(RetentionRun)):
-                break
-            time.sleep(1)
-        run = db.session.scalar(select(RetentionRun))
+        run = wait_for_run(100)  # the next minute boundary, plus the job
         assert run is not None, (tmp_path / "rq.log").read_text()[-3000:]
         assert run.messages_deleted == 1 and run.trigger == "cron"
         assert [m.body for m in db.session.scalars(select(Message))] == ["kept"]
     finally:
-        for proc in (clock, worker):
-            proc.terminate()
-        for proc in (clock, worker):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_group(clock)
+        stop_group(worker)
+
+
+@pytest.mark.processes
+def test_redis_down_at_schedule_time_then_the_next_tick_runs(app, pair, tmp_path):
+    alice, bob, direct = pair
+    age([msgs.send_message(alice, direct, "expired")[0].id], 9)
+    redis_server = RedisServer().start()
+    env = process_env(app, RETENTION_CRON="* * * * *", RQ_QUEUE="webchat-test", REDIS_URL=redis_server.url)
+    log = open(tmp_path / "rq.log", "wb")
+    worker, clock = (start_procfile_process(name, env, log) for name in ("worker", "clock"))
+    try:
+        time.sleep(3)
+        redis_server.stop()
+        # Sleep past the next minute boundary: that tick finds Redis down.
+        time.sleep(62 - time.time() % 60 + 3)
+        assert wait_for_run(1) is None
+        redis_server.start()
+        run = wait_for_run(90)
+        assert run is not None, (tmp_path / "rq.log").read_text()[-3000:]
+        assert run.messages_deleted == 1
+    finally:
+        stop_group(clock)
+        stop_group(worker)
+        redis_server.stop()
+
+
+def test_an_interrupted_run_leaves_whole_batches_and_the_next_run_finishes(app, pair, monkeypatch):
+    alice, bob, direct = pair
+    ids = [msgs.send_message(alice, direct, f"old{i}", FileStorage(io.BytesIO(image_bytes()), filename="p.png"))[0].id
+           for i in range(5)]
+    age(ids, 10)
+    from webchat.services import conversations as conversations_module
+
+    real = conversations_module.refresh_last_message
+    calls = []
+
+    def crash_in_second_batch(conversation_ids):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("worker killed")  # not an Exception: like a kill mid-batch
+        return real(conversation_ids)
+
+    monkeypatch.setattr(conversations_module, "refresh_last_message", crash_in_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        purge_expired_messages(7, batch_size=2)
+    # The first batch is gone with its images; the second was rolled back whole.
+    assert count(Message) == 3 and count(Image) == 3
+    assert all(db.session.get(Image, m.image_id) for m in db.session.scalars(select(Message)))
+    monkeypatch.setattr(conversations_module, "refresh_last_message", real)
+    assert purge_expired_messages(7, batch_size=2).messages == 3
+    assert count(Message) == 0 and count(Image) == 0

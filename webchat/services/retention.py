@@ -84,7 +84,7 @@ def purge_expired_messages(days: int, batch_size: int | None = None, trigger: st
                                     conversations_touched=result.conversations, batches=result.batches,
                                     seconds=result.seconds, trigger=trigger))
         db.session.commit()
-    except Exception:
+    except BaseException:  # a worker being killed too: never leave a half-done batch open
         db.session.rollback()
         raise
     finally:
