@@ -72,7 +72,7 @@ class QueueStatus:
 class Dashboard:
     users_total: int
     users_active_today: int
-    users_online: int
+    users_online: int | None  # None: Redis is unreachable
     users_disabled: int
     admins: int
     conversations_direct: int
@@ -178,11 +178,15 @@ def dashboard() -> Dashboard:
         _count(Image).label("images"),
         select(func.coalesce(func.sum(Image.size), 0)).scalar_subquery().label("image_bytes"),
     )).one()
-    active_ids = db.session.scalars(select(User.id).where(User.is_disabled.is_(False))).all()
+    queue = queue_status(config["RQ_QUEUE"])
+    online = None
+    if queue.available:  # one Redis timeout is enough when it is down
+        active_ids = db.session.scalars(select(User.id).where(User.is_disabled.is_(False))).all()
+        online = len(online_user_ids(redis_store.client, active_ids))
     return Dashboard(
         users_total=counts.users,
         users_active_today=counts.active_today,
-        users_online=len(online_user_ids(redis_store.client, active_ids)),
+        users_online=online,
         users_disabled=counts.disabled,
         admins=counts.admins,
         conversations_direct=counts.direct,
@@ -193,7 +197,7 @@ def dashboard() -> Dashboard:
         image_bytes=int(counts.image_bytes or 0),
         retention=RetentionStatus(config["RETENTION_DAYS"], config["RETENTION_CRON"], retention.last_run(),
                                   next_retention_run(config["RETENTION_CRON"])),
-        queue=queue_status(config["RQ_QUEUE"]),
+        queue=queue,
         audit=recent_audit(),
     )
 
