@@ -65,6 +65,16 @@ def clean_state(app):
     yield
 
 
+@pytest.fixture(autouse=True)
+def fast_password_hashing(monkeypatch):
+    """Hash with cheap argon2id settings: tests sign in a lot; test_auth checks the hash format."""
+    from argon2 import PasswordHasher
+
+    from webchat.services import accounts
+
+    monkeypatch.setattr(accounts, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+
+
 @pytest.fixture
 def ctx(app):
     with app.test_request_context("/"):

@@ -136,6 +136,27 @@ def is_htmx() -> bool:
     return request.headers.get("HX-Request") == "true"
 
 
+def refusal(exc, page=None):
+    """Answer a refused request: the message in #flash for htmx, else `page(error=...)` or the error page."""
+    from flask import Response
+
+    from .services import DomainError
+
+    if is_htmx():
+        response = Response(render_template("errors/_error.html", status=exc.status, message=exc.message),
+                            status=exc.status)
+        # htmx swaps 4xx answers (see base.html); put the message where the user will see it.
+        response.headers["HX-Retarget"] = "#flash"
+        response.headers["HX-Reswap"] = "innerHTML"
+        return response
+    if page is not None and exc.status != 404:
+        try:
+            return page(error=exc.message), exc.status
+        except DomainError:  # the page itself is gone (a 404 behind the refusal)
+            pass
+    return render_template("errors/error.html", status=exc.status, message=exc.message), exc.status
+
+
 def _register_blueprints(app: Flask) -> None:
     from .admin import bp as admin_bp
     from .auth import bp as auth_bp
@@ -198,6 +219,20 @@ def _register_request_hooks(app: Flask) -> None:
         # Each signed-in browser session gets an id so logout can close exactly its sockets.
         if current_user.is_authenticated and "sid" not in session:
             session["sid"] = secrets.token_urlsafe(12)
+
+    @app.before_request
+    def touch_last_seen() -> None:
+        # At most one UPDATE per user per 5 minutes: "active today" and "last seen" stay true
+        # for people who stay signed in, at almost no cost.
+        from datetime import timedelta
+
+        from .models import utcnow
+
+        if current_user.is_authenticated:
+            seen, now = current_user.last_seen_at, utcnow()
+            if seen is None or now - seen > timedelta(minutes=5):
+                current_user.last_seen_at = now
+                db.session.commit()
 
     @app.context_processor
     def template_helpers():

@@ -6,7 +6,7 @@ from flask_babel import gettext as _
 from flask_login import current_user, login_required
 from sqlalchemy import select
 
-from .. import is_htmx
+from .. import is_htmx, refusal
 from ..extensions import db, redis_store
 from ..models import Image, Membership, User
 from ..realtime.hub import online_user_ids
@@ -17,19 +17,8 @@ from . import bp
 
 
 def _fail(exc: DomainError, page=None, **context):
-    """Answer a refused request: an error fragment for htmx, else the page with the message."""
-    if is_htmx():
-        response = Response(render_template("errors/_error.html", status=exc.status, message=exc.message),
-                            status=exc.status)
-        response.headers["HX-Retarget"] = "#flash"
-        response.headers["HX-Reswap"] = "innerHTML"
-        return response
-    if page is None or exc.status == 404:
-        return render_template("errors/error.html", status=exc.status, message=exc.message), exc.status
-    try:
-        return page(error=exc.message, **context), exc.status
-    except DomainError as again:
-        return render_template("errors/error.html", status=again.status, message=again.message), again.status
+    """Refuse with the page re-rendered around the message (see webchat.refusal)."""
+    return refusal(exc, (lambda error: page(error=error, **context)) if page else None)
 
 
 def _me() -> User:

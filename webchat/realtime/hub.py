@@ -97,8 +97,9 @@ class Hub:
         with self.lock:
             first = not self.clients[client.user_id]
             self.clients[client.user_id].add(client)
-        if first:
-            self._presence("sadd", client.user_id)
+            # Under the lock: a heartbeat rewriting the set in between must not drop this user.
+            if first:
+                self._presence("sadd", client.user_id)
 
     def remove(self, client: Client) -> None:
         with self.lock:
@@ -106,11 +107,9 @@ class Hub:
             if sockets is None:
                 return
             sockets.discard(client)
-            last = not sockets
-            if last:
+            if not sockets:
                 del self.clients[client.user_id]
-        if last:
-            self._presence("srem", client.user_id)
+                self._presence("srem", client.user_id)
 
     def clients_of(self, user_id: int) -> list[Client]:
         with self.lock:
@@ -181,15 +180,16 @@ class Hub:
         while not self._stopping:
             try:
                 client = self._redis()
+                # List and rewrite under the lock, so an add() in between is not wiped.
                 with self.lock:
                     uids = list(self.clients)
-                pipe = client.pipeline()
-                pipe.delete(self.process_key)
-                if uids:
-                    pipe.sadd(self.process_key, *uids)
-                    pipe.expire(self.process_key, PRESENCE_TTL)
-                pipe.zadd("webchat:presence:procs", {self.process_key: time.time()})
-                pipe.execute()
+                    pipe = client.pipeline()
+                    pipe.delete(self.process_key)
+                    if uids:
+                        pipe.sadd(self.process_key, *uids)
+                        pipe.expire(self.process_key, PRESENCE_TTL)
+                    pipe.zadd("webchat:presence:procs", {self.process_key: time.time()})
+                    pipe.execute()
             except (redis.RedisError, OSError) as exc:
                 log.warning("presence heartbeat failed: %s", exc)
             time.sleep(PRESENCE_BEAT)
@@ -217,6 +217,12 @@ class Hub:
         except Exception:
             log.exception("failed to deliver event %r", raw)
 
+    @staticmethod
+    def _render(client: Client, template: str, **context) -> str:
+        """Render a frame in the socket's own language."""
+        with force_locale(client.locale):
+            return render_template(template, **context)
+
     def dispatch(self, event: dict) -> None:
         """Deliver one event to this process's sockets (inside a request context)."""
         kind = event.get("type")
@@ -227,15 +233,14 @@ class Hub:
         elif kind == "removed":
             for uid in event.get("uids") or []:
                 for client in self.clients_of(int(uid)):
-                    client.send(render_template("realtime/_removed.html", cid=int(event["cid"])))
+                    client.send(self._render(client, "realtime/_removed.html", cid=int(event["cid"])))
         elif kind == "read":
             self.deliver_rows(int(event["cid"]), [int(event["uid"])], [])
         elif kind == "typing":
             cid, uid = int(event["cid"]), int(event["uid"])
-            html = render_template("realtime/_typing.html", cid=cid, name=event.get("name", ""))
             for client in self.all_clients():
                 if client.joined == cid and client.user_id != uid:
-                    client.send(html)
+                    client.send(self._render(client, "realtime/_typing.html", cid=cid, name=event.get("name", "")))
         elif kind == "close_user":
             for client in self.clients_of(int(event["uid"])):
                 client.close(int(event.get("code", 1008)), "signed out")
@@ -246,7 +251,7 @@ class Hub:
         elif kind == "refresh":
             for uid in event.get("uids") or []:
                 for client in self.clients_of(int(uid)):
-                    client.send(render_template("realtime/_refresh.html"))
+                    client.send(self._render(client, "realtime/_refresh.html"))
 
     def deliver_messages(self, cid: int, mids: list[int], only: list[Client] | None = None) -> None:
         """Render messages once per locale and send them, with each user's row, to local members."""
@@ -294,7 +299,7 @@ class Hub:
         wanted = set(local) if uids is None else {int(u) for u in uids} & set(local)
         for uid in removed_uids:
             for client in self.clients_of(int(uid)):
-                client.send(render_template("realtime/_removed.html", cid=cid))
+                client.send(self._render(client, "realtime/_removed.html", cid=cid))
         for uid in wanted - {int(u) for u in removed_uids}:
             clients = self.clients_of(uid)
             if not clients:

@@ -324,6 +324,16 @@ class ConversationRow:
     image_id: str | None
     peer: User | None
     unread: int
+    system_message: Message | None = None  # the last message, when it is a system line
+
+    @property
+    def preview(self) -> str:
+        """Return the last message's preview, translating system lines for the viewer."""
+        if self.system_message is not None:
+            from .messages import system_text
+
+            return system_text(self.system_message)
+        return self.conversation.last_message_text
 
     @property
     def id(self) -> int:
@@ -347,6 +357,17 @@ def unread_counts(user_id: int, conversation_ids=None) -> dict[int, int]:
     return {cid: count for cid, count in db.session.execute(query)}
 
 
+def _system_last_messages(message_ids: list[int]) -> dict[int, Message]:
+    """Return the system lines among these messages (with their actors), by id, in one query."""
+    if not message_ids:
+        return {}
+    from sqlalchemy.orm import joinedload
+
+    rows = db.session.scalars(select(Message).options(joinedload(Message.sender)).where(
+        Message.id.in_(message_ids), Message.kind == "system")).all()
+    return {m.id: m for m in rows}
+
+
 def _peers(conversation_ids: list[int], user_id: int) -> dict[int, User]:
     if not conversation_ids:
         return {}
@@ -363,6 +384,7 @@ def build_rows(user_id: int, pairs: list[tuple[Conversation, Membership]]) -> li
     direct_ids = [c.id for c, _ in pairs if not c.is_group]
     peers = _peers(direct_ids, user_id)
     counts = unread_counts(user_id, [c.id for c, _ in pairs]) if pairs else {}
+    systems = _system_last_messages([c.last_message_id for c, _ in pairs if c.is_group and c.last_message_id])
     rows = []
     for conversation, _membership in pairs:
         peer = peers.get(conversation.id)
@@ -371,7 +393,8 @@ def build_rows(user_id: int, pairs: list[tuple[Conversation, Membership]]) -> li
         else:
             title = peer.name if peer else str(_l("Deleted user"))
             image_id = peer.avatar_id if peer else None
-        rows.append(ConversationRow(conversation, title, image_id, peer, counts.get(conversation.id, 0)))
+        rows.append(ConversationRow(conversation, title, image_id, peer, counts.get(conversation.id, 0),
+                                    systems.get(conversation.last_message_id or 0)))
     return rows
 
 
