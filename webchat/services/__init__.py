@@ -1,4 +1,5 @@
 """The domain layer: called by HTTP views, WebSocket frames, jobs and the CLI alike."""
+from contextlib import contextmanager
 
 
 class DomainError(Exception):
@@ -19,3 +20,16 @@ class NotFound(DomainError):
 
 class Forbidden(DomainError):
     status = 403
+
+
+@contextmanager
+def transaction():
+    """Commit what the block wrote, or roll all of it back (and re-raise) if anything fails."""
+    from ..extensions import db
+
+    try:
+        yield
+        db.session.commit()
+    except BaseException:
+        db.session.rollback()
+        raise

@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..extensions import db
 from ..models import Conversation, Image, Membership, Message, User, utcnow
-from . import DomainError
+from . import DomainError, transaction
 from .images import has_file, store_upload
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
@@ -90,7 +90,7 @@ def update_profile(user: User, *, name: str, remark: str, avatar=None, backgroun
     remark = remark.strip()
     if len(remark) > 200:
         raise DomainError(_l("The signature may be at most 200 characters."), 422)
-    try:
+    with transaction():
         old_ids = []
         # Validate and encode both uploads before anything is written.
         if has_file(avatar):
@@ -106,10 +106,6 @@ def update_profile(user: User, *, name: str, remark: str, avatar=None, backgroun
         stale = [i for i in old_ids if i]
         if stale:
             db.session.execute(delete(Image).where(Image.id.in_(stale)))
-        db.session.commit()
-    except Exception:
-        db.session.rollback()
-        raise
     return user
 
 
@@ -174,12 +170,8 @@ def delete_account(user: User, password: str) -> None:
     if not verify_password(user, password):
         raise DomainError(_l("That password is not right."), 403)
     uid = user.id
-    try:
+    with transaction():
         affected = delete_user(user)
-        db.session.commit()
-    except Exception:
-        db.session.rollback()
-        raise
     from ..realtime import bus
 
     bus.user_removed(uid, affected)

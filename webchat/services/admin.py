@@ -18,7 +18,7 @@ from sqlalchemy import func, or_, select
 from ..extensions import db, redis_store
 from ..models import AuditLog, Conversation, Image, Membership, Message, RetentionRun, User, utcnow
 from ..realtime.hub import online_user_ids
-from . import DomainError, NotFound
+from . import DomainError, NotFound, transaction
 from . import accounts, conversations, retention
 
 log = logging.getLogger(__name__)
@@ -320,29 +320,17 @@ def _check_not_last_admin(actor: User, user: User) -> None:
     raise DomainError(_l("This is the only active admin: make someone else an admin first."), 409)
 
 
-def _in_transaction(work):
-    try:
-        result = work()
-        db.session.commit()
-    except Exception:
-        db.session.rollback()
-        raise
-    return result
-
-
 def set_disabled(actor: User, uid, disabled: bool) -> User:
     """Disable (close their sockets, refuse sign-in) or enable a user."""
     user = get_user(uid)
     if user.is_disabled == disabled:
         return user
 
-    def change():
+    with transaction():
         if disabled:
             _check_not_last_admin(actor, user)
         user.is_disabled = disabled
         _audit(actor, "disable_user" if disabled else "enable_user", _user_label(user))
-
-    _in_transaction(change)
     if disabled:
         from ..realtime import bus
 
@@ -356,13 +344,11 @@ def set_admin(actor: User, uid, grant: bool) -> User:
     if user.is_admin == grant:
         return user
 
-    def change():
+    with transaction():
         if not grant:
             _check_not_last_admin(actor, user)
         user.is_admin = grant
         _audit(actor, "grant_admin" if grant else "revoke_admin", _user_label(user))
-
-    _in_transaction(change)
     return user
 
 
@@ -371,12 +357,10 @@ def delete_user(actor: User, uid) -> list[int]:
     user = get_user(uid)
     user_id = user.id
 
-    def change():
+    with transaction():
         _check_not_last_admin(actor, user)
         _audit(actor, "delete_user", _user_label(user))
-        return accounts.delete_user(user)
-
-    affected = _in_transaction(change)
+        affected = accounts.delete_user(user)
     from ..realtime import bus
 
     bus.user_removed(user_id, affected)

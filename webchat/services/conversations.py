@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..extensions import db
 from ..models import Conversation, Image, Membership, Message, Unread, User, utcnow
-from . import DomainError, Forbidden, NotFound
+from . import DomainError, Forbidden, NotFound, transaction
 from .images import has_file, store_upload
 
 MAX_GROUP_OTHERS = 200
@@ -119,7 +119,7 @@ def create_group(owner: User, name: str, member_ids, image=None) -> Conversation
     if len(ids) > MAX_GROUP_OTHERS:
         raise DomainError(_l("A group can have at most %(n)d other members.", n=MAX_GROUP_OTHERS), 422)
     members = _existing_users(ids)
-    try:
+    with transaction():
         conversation = Conversation(is_group=True, name=name, owner_id=owner.id)
         db.session.add(conversation)
         db.session.flush()
@@ -129,10 +129,6 @@ def create_group(owner: User, name: str, member_ids, image=None) -> Conversation
         for user in members:
             _add_member(conversation, user.id)
         system_message(conversation, owner, "created", name)
-        db.session.commit()
-    except Exception:
-        db.session.rollback()
-        raise
     from ..realtime import bus
 
     bus.conversation_changed(conversation.id)
@@ -144,12 +140,6 @@ def _require_group_owner(actor: User, conversation: Conversation) -> None:
         raise DomainError(_l("Only groups have members to manage."), 422)
     if conversation.owner_id != actor.id:
         raise Forbidden(_l("Only the group's owner can do that."))
-
-
-def member_count(conversation_id: int) -> int:
-    """Return how many members a conversation has."""
-    return db.session.scalar(select(func.count()).select_from(Membership).where(
-        Membership.conversation_id == conversation_id))
 
 
 def add_members(actor: User, conversation: Conversation, member_ids) -> list[User]:
@@ -166,14 +156,10 @@ def add_members(actor: User, conversation: Conversation, member_ids) -> list[Use
     if len(current) - 1 + len(new_ids) > MAX_GROUP_OTHERS:
         raise DomainError(_l("A group can have at most %(n)d other members.", n=MAX_GROUP_OTHERS), 422)
     users = _existing_users(new_ids)
-    try:
+    with transaction():
         for user in users:
             _add_member(conversation, user.id)
         system_message(conversation, actor, "added", ", ".join(u.name for u in users))
-        db.session.commit()
-    except Exception:
-        db.session.rollback()
-        raise
     from ..realtime import bus
 
     bus.conversation_changed(conversation.id)
@@ -193,13 +179,9 @@ def remove_member(actor: User, conversation: Conversation, user_id) -> None:
     if membership is None:
         raise NotFound(_l("No such member."))
     removed = membership.user
-    try:
+    with transaction():
         db.session.delete(membership)
         system_message(conversation, actor, "removed", removed.name)
-        db.session.commit()
-    except Exception:
-        db.session.rollback()
-        raise
     from ..realtime import bus
 
     bus.conversation_changed(conversation.id, removed_user_ids=[user_id])
@@ -217,17 +199,13 @@ def leave(user: User, conversation: Conversation) -> None:
     if not others:
         disband(user, conversation, check_owner=False)
         return
-    try:
+    with transaction():
         if conversation.owner_id == user.id:
             conversation.owner_id = others[0].user_id
             others[0].role = "owner"
         db.session.execute(delete(Membership).where(
             Membership.conversation_id == conversation.id, Membership.user_id == user.id))
         system_message(conversation, user, "left", user.name)
-        db.session.commit()
-    except Exception:
-        db.session.rollback()
-        raise
     from ..realtime import bus
 
     bus.conversation_changed(conversation.id, removed_user_ids=[user.id])
@@ -236,7 +214,7 @@ def leave(user: User, conversation: Conversation) -> None:
 def update_group(actor: User, conversation: Conversation, name: str | None = None, image=None) -> None:
     """Rename a group and/or change its picture (owner only)."""
     _require_group_owner(actor, conversation)
-    try:
+    with transaction():
         if name is not None and name.strip() != (conversation.name or ""):
             conversation.name = _check_group_name(name)
             system_message(conversation, actor, "renamed", conversation.name)
@@ -245,10 +223,6 @@ def update_group(actor: User, conversation: Conversation, name: str | None = Non
             conversation.image_id = store_upload(image, conversation_id=conversation.id).id
             if old:
                 db.session.execute(delete(Image).where(Image.id == old))
-        db.session.commit()
-    except Exception:
-        db.session.rollback()
-        raise
     from ..realtime import bus
 
     bus.conversation_changed(conversation.id)
@@ -287,12 +261,8 @@ def disband(actor: User, conversation: Conversation, *, check_owner: bool = True
 def delete_conversation(cid: int) -> list[int]:
     """Delete any conversation in one transaction and tell its members; return their ids."""
     member_ids = db.session.scalars(select(Membership.user_id).where(Membership.conversation_id == cid)).all()
-    try:
+    with transaction():
         delete_conversation_rows([cid])
-        db.session.commit()
-    except Exception:
-        db.session.rollback()
-        raise
     from ..realtime import bus
 
     bus.conversation_removed(cid, list(member_ids))
