@@ -292,3 +292,26 @@ def test_redis_outage_send_still_commits_then_live_push_resumes_and_replay_fills
         server.stop()
         redis_proc.terminate()
         redis_proc.wait(5)
+
+
+def test_presence_follows_open_sockets_across_processes(app, servers, chat):
+    from webchat.extensions import redis_store
+    from webchat.realtime.hub import online_user_ids
+
+    a, b = servers
+    with app.app_context():
+        assert online_user_ids(redis_store.client, [chat["bob"]]) == set()
+    bob = Socket(a, http_login(a.url, "bob"))
+    deadline = time.time() + 5
+    with app.app_context():
+        while time.time() < deadline and not online_user_ids(redis_store.client, [chat["bob"]]):
+            time.sleep(0.1)
+        assert online_user_ids(redis_store.client, [chat["bob"], chat["carol"]]) == {chat["bob"]}
+    alice = http_login(b.url, "alice")
+    assert 'class="dot online"' in alice.get(f"/conversations/{chat['direct']}").text.split('id="presence"')[1][:200]
+    bob.close()
+    with app.app_context():
+        deadline = time.time() + 5
+        while time.time() < deadline and online_user_ids(redis_store.client, [chat["bob"]]):
+            time.sleep(0.1)
+        assert online_user_ids(redis_store.client, [chat["bob"]]) == set()

@@ -49,8 +49,15 @@ def register_cli(app: Flask) -> None:
         if direct.last_message_id is None:
             send_message(alice, direct, "Hi Bob! Welcome to webchat.")
             send_message(bob, direct, "Hi Alice 👋")
-        group = create_group(alice, "Demo group", [bob.id, carol.id, dave.id])
-        send_message(carol, group, "Hello everyone")
+        from sqlalchemy import select
+
+        from .models import Conversation
+
+        exists = db.session.scalar(select(Conversation.id).where(
+            Conversation.is_group.is_(True), Conversation.name == "Demo group", Conversation.owner_id == alice.id))
+        if exists is None:
+            group = create_group(alice, "Demo group", [bob.id, carol.id, dave.id])
+            send_message(carol, group, "Hello everyone")
         click.echo("Demo users: alice, bob, carol, dave (password: password123)")
 
     @app.cli.command("purge-messages")

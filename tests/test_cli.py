@@ -1,0 +1,44 @@
+"""flask create-admin and flask seed-demo."""
+from sqlalchemy import func, select
+
+from webchat.extensions import db
+from webchat.models import Conversation, User
+
+
+def test_create_admin_makes_a_new_admin_who_can_sign_in(app, client):
+    result = app.test_cli_runner().invoke(args=["create-admin", "Boss", "--password", "secret-pass"])
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        assert db.session.scalar(select(User.is_admin).where(User.username == "Boss")) is True
+    assert client.post("/auth/login", data={"username": "boss", "password": "secret-pass"}).status_code == 303
+    assert client.get("/admin/").status_code == 200
+
+
+def test_create_admin_promotes_an_existing_user(app, users):
+    result = app.test_cli_runner().invoke(args=["create-admin", "bob", "--password", "new-password"])
+    assert result.exit_code == 0 and "now an admin" in result.output
+    with app.app_context():
+        assert db.session.get(User, users["bob"]).is_admin
+
+
+def test_create_admin_prompts_for_the_password(app):
+    result = app.test_cli_runner().invoke(args=["create-admin", "eve"], input="long-password\nlong-password\n")
+    assert result.exit_code == 0, result.output
+
+
+def test_create_admin_refuses_bad_input(app):
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["create-admin", "eve", "--password", "short"]).exit_code != 0
+    assert runner.invoke(args=["create-admin", "bad name!", "--password", "long-password"]).exit_code != 0
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(User)) == 0
+
+
+def test_seed_demo_is_repeatable(app):
+    runner = app.test_cli_runner()
+    for _ in range(2):
+        result = runner.invoke(args=["seed-demo"])
+        assert result.exit_code == 0, result.output
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(User)) == 4
+        assert db.session.scalar(select(func.count()).select_from(Conversation)) == 2
