@@ -5,7 +5,7 @@ import logging
 import os
 import secrets
 
-from flask import Flask, jsonify, redirect, render_template, request, session, url_for
+from flask import Flask, current_app, jsonify, redirect, render_template, request, session, url_for
 from flask_babel import gettext as _
 from flask_login import current_user
 from flask_wtf.csrf import CSRFError
@@ -95,10 +95,11 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def _select_locale() -> str:
+    languages = current_app.config["LANGUAGES"]
     lang = request.args.get("lang") or request.cookies.get("lang")
-    if lang in ("en", "zh"):
+    if lang in languages:
         return lang
-    return request.accept_languages.best_match(["en", "zh"]) or "en"
+    return request.accept_languages.best_match(languages) or languages[0]
 
 
 def _init_extensions(app: Flask) -> None:
@@ -245,7 +246,7 @@ def _register_request_hooks(app: Flask) -> None:
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "same-origin")
         response.headers.setdefault("X-Frame-Options", "DENY")
-        if "lang" in request.args and request.args["lang"] in ("en", "zh"):
+        if request.args.get("lang") in app.config["LANGUAGES"]:
             response.set_cookie("lang", request.args["lang"], max_age=365 * 86400, samesite="Lax", httponly=True)
         return response
 
