@@ -289,3 +289,32 @@ def test_replay_returns_newer_messages_and_late_committers(people):
     assert ids[3] in replay and ids[4] in replay
     assert replay == sorted(replay)
     assert not msgs.messages_for_replay(people["carol"].id, 0)
+
+
+def test_rows_for_members_match_single_rows_in_constant_queries(app, people, count_queries):
+    extra = [make_user(f"r{i:03d}").id for i in range(40)]
+    group = convs.create_group(people["alice"], "G", [people["bob"].id, people["carol"].id] + extra)
+    for i in range(3):
+        msgs.send_message(people["alice"], group, f"m{i}")
+    convs.mark_read(people["bob"].id, group)
+    msgs.send_message(people["carol"], group, "from carol")
+    small_ids = [people["alice"].id, people["bob"].id, people["carol"].id, people["dave"].id]
+    rows = convs.rows_for_members(group.id, small_ids)
+    assert people["dave"].id not in rows  # not a member
+    for uid in small_ids[:3]:
+        single = convs.conversation_row(uid, group.id)
+        assert (rows[uid].title, rows[uid].unread) == (single.title, single.unread)
+    # carol's own send moved her pointer past what she had not read: sending reads the conversation
+    assert [rows[u].unread for u in small_ids[:3]] == [1, 1, 0]
+    counts = []
+    for ids in (small_ids, small_ids + extra):
+        counter = count_queries()
+        with counter:
+            convs.rows_for_members(group.id, ids)
+        counts.append(counter.count)
+    assert counts[0] == counts[1]
+    direct = convs.find_or_create_direct(people["alice"], people["bob"])
+    msgs.send_message(people["alice"], direct, "hi")
+    pair = convs.rows_for_members(direct.id, [people["alice"].id, people["bob"].id])
+    assert (pair[people["alice"].id].title, pair[people["bob"].id].title) == ("Bob", "Alice")
+    assert (pair[people["alice"].id].unread, pair[people["bob"].id].unread) == (0, 1)

@@ -253,65 +253,65 @@ class Hub:
                 for client in self.clients_of(int(uid)):
                     client.send(self._render(client, "realtime/_refresh.html"))
 
-    def deliver_messages(self, cid: int, mids: list[int], only: list[Client] | None = None) -> None:
-        """Render messages once per locale and send them, with each user's row, to local members."""
-        from ..services.conversations import conversation_row, mark_read
+    def deliver_messages(self, cid: int, mids: list[int]) -> None:
+        """Render messages once per locale and send them, with each member's own row, to local members."""
+        from ..services.conversations import mark_read, rows_for_members
 
-        targets = only if only is not None else None
         with self.lock:
-            local = list(self.clients) if targets is None else list({c.user_id for c in targets})
+            local = list(self.clients)
         if not local:
             return
-        members = set(db.session.scalars(select(Membership.user_id).where(
-            Membership.conversation_id == cid, Membership.user_id.in_(local))).all())
+        members = db.session.scalars(select(Membership.user_id).where(
+            Membership.conversation_id == cid, Membership.user_id.in_(local))).all()
         if not members:
             return
         messages = db.session.scalars(select(Message).options(joinedload(Message.sender)).where(
             Message.id.in_(mids)).order_by(Message.id)).all()
         if not messages:
             return
-        conversation = db.session.get(Conversation, cid)
         newest = messages[-1]
+        conversation = db.session.get(Conversation, cid)
+        # A socket viewing this conversation reads arriving messages at once.
         for uid in members:
-            clients = [c for c in (targets or self.clients_of(uid)) if c.user_id == uid]
-            if not clients:
-                continue
-            # A socket viewing this conversation reads arriving messages at once.
-            if any(c.joined == cid for c in clients) and newest.sender_id != uid:
+            if newest.sender_id != uid and any(c.joined == cid for c in self.clients_of(uid)):
                 mark_read(uid, conversation, upto=newest.id, notify=True)
-            row = conversation_row(uid, cid)
-            cache: dict[str, str] = {}
-            for client in clients:
-                if client.locale not in cache:
+        rows = rows_for_members(cid, members)
+        message_html: dict[str, str] = {}
+        for uid in members:
+            for client in self.clients_of(uid):
+                if client.locale not in message_html:
                     with force_locale(client.locale):
-                        cache[client.locale] = "".join(
-                            render_template("realtime/_message_frame.html", message=m, row=row if m is newest else None,
-                                            me_id=uid)
-                            for m in messages)
-                client.send(cache[client.locale], mid=newest.id if len(messages) == 1 else None)
+                        message_html[client.locale] = "".join(
+                            render_template("realtime/_message_frame.html", message=m, row=None) for m in messages)
+                row_html = ""
+                if rows.get(uid) is not None:
+                    row_html = self._render(client, "realtime/_row_frame.html", row=rows[uid])
+                client.send(message_html[client.locale] + row_html,
+                            mid=newest.id if len(messages) == 1 else None)
 
     def deliver_rows(self, cid: int, uids, removed_uids) -> None:
         """Send fresh list rows of one conversation to local members (or to the given users)."""
-        from ..services.conversations import conversation_row
+        from ..services.conversations import rows_for_members
 
         with self.lock:
-            local = list(self.clients)
-        wanted = set(local) if uids is None else {int(u) for u in uids} & set(local)
-        for uid in removed_uids:
-            for client in self.clients_of(int(uid)):
+            local = set(self.clients)
+        removed = {int(u) for u in removed_uids}
+        for uid in removed & local:
+            for client in self.clients_of(uid):
                 client.send(self._render(client, "realtime/_removed.html", cid=cid))
-        for uid in wanted - {int(u) for u in removed_uids}:
-            clients = self.clients_of(uid)
-            if not clients:
-                continue
-            row = conversation_row(uid, cid)
-            for client in clients:
-                with force_locale(client.locale):
-                    if row is None:
-                        html = render_template("realtime/_removed.html", cid=cid)
-                    else:
-                        html = render_template("realtime/_row_frame.html", row=row, me_id=uid)
-                client.send(html)
+        wanted = (local if uids is None else {int(u) for u in uids} & local) - removed
+        if not wanted:
+            return
+        rows = rows_for_members(cid, wanted)
+        for uid in wanted:
+            if uid not in rows and uids is None:
+                continue  # not a member: nothing to show or take away
+            row = rows.get(uid)
+            for client in self.clients_of(uid):
+                if row is None:  # hidden, or no longer a member
+                    client.send(self._render(client, "realtime/_removed.html", cid=cid))
+                else:
+                    client.send(self._render(client, "realtime/_row_frame.html", row=row))
 
     def replay(self, client: Client, after: int) -> int:
         """Send, in order, the messages newer than `after` in the client's conversations."""

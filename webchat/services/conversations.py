@@ -394,6 +394,51 @@ def conversation_row(user_id: int, cid: int) -> ConversationRow | None:
     return build_rows(user_id, [(pair[0], pair[1])])[0]
 
 
+def rows_for_members(cid: int, user_ids) -> dict[int, ConversationRow | None]:
+    """Return the list row (None when hidden) of each of these users who is a member, in a fixed number of queries.
+
+    The push path calls this once per message for all the members a process holds, so a
+    200-member group costs the same handful of queries as a 1:1.
+    """
+    user_ids = list(user_ids)
+    conversation = db.session.get(Conversation, cid)
+    if conversation is None or not user_ids:
+        return {}
+    memberships = {m.user_id: m for m in db.session.scalars(select(Membership).where(
+        Membership.conversation_id == cid, Membership.user_id.in_(user_ids)))}
+    counts = dict(db.session.execute(
+        select(Unread.user_id, func.count(Message.id))
+        .join(Message, and_(Message.conversation_id == Unread.conversation_id,
+                            Message.id > Unread.last_read_message_id))
+        .where(Unread.conversation_id == cid, Unread.user_id.in_(user_ids), Message.kind == "text",
+               Message.sender_id != Unread.user_id)
+        .group_by(Unread.user_id)
+    ).all())
+    people = {}
+    if not conversation.is_group:
+        people = {u.id: u for u in db.session.scalars(select(User).join(
+            Membership, Membership.user_id == User.id).where(Membership.conversation_id == cid))}
+    system = _system_last_messages([conversation.last_message_id] if conversation.is_group
+                                   and conversation.last_message_id else [])
+    rows: dict[int, ConversationRow | None] = {}
+    for uid in user_ids:
+        membership = memberships.get(uid)
+        if membership is None:
+            continue
+        if membership.is_hidden(conversation):
+            rows[uid] = None
+            continue
+        if conversation.is_group:
+            title, image_id, peer = conversation.name or "", conversation.image_id, None
+        else:
+            peer = next((u for pid, u in people.items() if pid != uid), None)
+            title = peer.name if peer else str(_l("Deleted user"))
+            image_id = peer.avatar_id if peer else None
+        rows[uid] = ConversationRow(conversation, title, image_id, peer, counts.get(uid, 0),
+                                    system.get(conversation.last_message_id or 0))
+    return rows
+
+
 def members_of(conversation_id: int) -> list[tuple[Membership, User]]:
     """Return a conversation's members with their users, owner first."""
     rows = db.session.execute(
