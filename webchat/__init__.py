@@ -218,6 +218,8 @@ def _register_request_hooks(app: Flask) -> None:
     @app.before_request
     def ensure_socket_session_id() -> None:
         # Each signed-in browser session gets an id so logout can close exactly its sockets.
+        if request.endpoint == "static":
+            return
         if current_user.is_authenticated and "sid" not in session:
             session["sid"] = secrets.token_urlsafe(12)
 
@@ -229,7 +231,7 @@ def _register_request_hooks(app: Flask) -> None:
 
         from .models import utcnow
 
-        if current_user.is_authenticated:
+        if request.endpoint != "static" and current_user.is_authenticated:
             seen, now = current_user.last_seen_at, utcnow()
             if seen is None or now - seen > timedelta(minutes=5):
                 current_user.last_seen_at = now
