@@ -315,3 +315,44 @@ def test_presence_follows_open_sockets_across_processes(app, servers, chat):
         while time.time() < deadline and online_user_ids(redis_store.client, [chat["bob"]]):
             time.sleep(0.1)
         assert online_user_ids(redis_store.client, [chat["bob"]]) == set()
+
+
+def test_a_peer_that_stops_reading_is_dropped_and_does_not_hold_up_others(app, chat):
+    """A socket whose TCP window stays full must not stall delivery to everyone else."""
+    import socket as pysocket
+    import threading
+
+    server = WebServer(app, WS_SEND_TIMEOUT=1).start()
+    try:
+        bob_client = http_login(server.url, "bob")
+        stuck = websocket.create_connection(
+            server.url.replace("http", "ws") + "/ws", header=[f"Cookie: {cookie_header(bob_client)}"],
+            origin=server.url, timeout=10, sockopt=((pysocket.SOL_SOCKET, pysocket.SO_RCVBUF, 4096),))
+        carol = Socket(server, http_login(server.url, "carol"))
+        alice = Socket(server, http_login(server.url, "alice"))
+        draining = threading.Event()
+
+        def drain(sock):  # alice reads her own echoes so only bob is stuck
+            while not draining.is_set():
+                try:
+                    sock.ws.recv()
+                except Exception:
+                    return
+        threading.Thread(target=drain, args=(alice,), daemon=True).start()
+        time.sleep(0.3)
+        body = "x" * 3900
+        for i in range(700):
+            alice.send(type="message", conversation_id=chat["group"], body=f"{i} {body}")
+        alice.send(type="message", conversation_id=chat["group"], body="the last one")
+        carol.wait_for("the last one", timeout=60)
+        draining.set()
+        # bob's socket was cut off by the server: reading what was buffered ends in a closed connection.
+        stuck.settimeout(10)
+        with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError, OSError)):
+            while True:
+                if stuck.recv() == "":
+                    raise websocket.WebSocketConnectionClosedException("closed")
+        with open(server.log.name, "rb") as fh:
+            assert b"stopped reading: dropping it" in fh.read()
+    finally:
+        server.stop()

@@ -9,6 +9,9 @@ import time
 import uuid
 from collections import OrderedDict, defaultdict
 
+import socket
+from contextlib import nullcontext
+
 import redis
 from flask import Flask, render_template
 from flask_babel import force_locale
@@ -25,11 +28,30 @@ PRESENCE_BEAT = 20
 SENT_MEMORY = 5000
 
 
+def _send_deadline(seconds: float):
+    """Bound a socket write in time under gevent (where a full TCP window would block forever)."""
+    try:
+        from gevent import Timeout
+        from gevent.monkey import is_module_patched
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return nullcontext()
+    return Timeout(seconds) if is_module_patched("socket") else nullcontext()
+
+
+def _is_deadline(exc: BaseException) -> bool:
+    try:
+        from gevent import Timeout
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, Timeout)
+
+
 class Client:
     """One open socket: a send lock (flask-sock's send is not thread-safe) and what it has seen."""
 
-    def __init__(self, ws, user_id: int, sid: str | None, locale: str) -> None:
+    def __init__(self, ws, user_id: int, sid: str | None, locale: str, send_timeout: float = 5.0) -> None:
         self.ws = ws
+        self.send_timeout = send_timeout
         self.user_id = user_id
         self.sid = sid
         self.locale = locale
@@ -58,8 +80,24 @@ class Client:
 
     def _write(self, html: str) -> None:
         try:
-            self.ws.send(html)
-        except Exception:  # a closing socket: its handler cleans up
+            with _send_deadline(self.send_timeout):
+                self.ws.send(html)
+        except BaseException as exc:  # gevent's Timeout is a BaseException
+            if not _is_deadline(exc):
+                if isinstance(exc, Exception):
+                    return  # a closing socket: its handler cleans up
+                raise
+            # A peer whose TCP window stays full would hold up every other delivery of this
+            # process (the listener writes inline): cut it off; it reconnects and replays.
+            log.warning("socket of user %s stopped reading: dropping it", self.user_id)
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection without a closing handshake (its send may be half-written)."""
+        self.ws.connected = False
+        try:
+            self.ws.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
             pass
 
     def start_live(self) -> None:

@@ -85,7 +85,8 @@ def handle_frame(client: Client, raw) -> str | None:
 @sock.route("/ws", bp=bp)
 def ws(socket):
     """Stream this user's live frames; accept message, join and typing frames."""
-    client = Client(socket, current_user.id, session.get("sid"), str(get_locale()))
+    client = Client(socket, current_user.id, session.get("sid"), str(get_locale()),
+                    send_timeout=current_app.config["WS_SEND_TIMEOUT"])
     after = request.args.get("after", type=int)
     hub.add(client)
     try:
