@@ -48,6 +48,11 @@ def app(tmp_path_factory):
         # The schema comes from the migrations, exactly as in production.
         upgrade()
     yield app
+    with app.app_context():
+        db.engine.dispose()
+    from webchat.embedded import stop_embedded_redis
+
+    stop_embedded_redis()  # do not leave a redis-server behind per test run
 
 
 @pytest.fixture(autouse=True)

@@ -56,6 +56,10 @@ def _configure(app: Flask, config) -> None:
         app.config["SECRET_KEY"] = _dev_secret(app.instance_path)
     if not app.config.get("SQLALCHEMY_DATABASE_URI"):
         app.config["SQLALCHEMY_DATABASE_URI"] = sqlite_url(app.instance_path)
+    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql"):
+        # gevent runs many requests and the hub's planners at once in one process.
+        options = {"pool_size": 10, "max_overflow": 20, **app.config.get("SQLALCHEMY_ENGINE_OPTIONS", {})}
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
     if not app.config.get("REDIS_URL"):
         app.config["REDIS_URL"] = embedded_redis_url(app.instance_path)
     url = app.config["REDIS_URL"]

