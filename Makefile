@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 export PORT
 
-.PHONY: install run test bench clean
+.PHONY: install run stop-redis test bench clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ run: install
 	sh -c 'while :; do rq cron -c webchat.jobs.settings webchat.jobs.cron; sleep 5; done' & \
 	echo ""; echo "  webchat is running at http://127.0.0.1:$(PORT)/  (Ctrl+C stops it)"; echo ""; \
 	gunicorn -c webchat/gunicorn_conf.py wsgi:app
+
+# The embedded Redis (no REDIS_URL) keeps running between runs and is reused; this stops it.
+stop-redis: install
+	@$(BIN)/python -c "from webchat.embedded import stop_instance_redis as s; print('stopped' if s('instance') else 'no embedded Redis running')"
 
 test: install
 	@if [ -z "$$WEBCHAT_BROWSER" ] && [ ! -x /usr/bin/chromium ] && [ ! -d "$$HOME/.cache/ms-playwright" ]; then \

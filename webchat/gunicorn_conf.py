@@ -10,6 +10,11 @@ timeout = 60
 graceful_timeout = 10
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+# gunicorn 27's control socket has one default path per user: several webchat servers on one
+# machine (tests, a second checkout) would take it from each other. Opt in with GUNICORN_CONTROL_SOCKET.
+control_socket_disable = not os.environ.get("GUNICORN_CONTROL_SOCKET")
+if not control_socket_disable:
+    control_socket = os.environ["GUNICORN_CONTROL_SOCKET"]
 
 
 def post_worker_init(worker):
