@@ -269,3 +269,44 @@ def test_chat_page_query_count_is_constant(app, users, count_queries, n):
     # user, conversation+membership, mark read, messages, members, list rows, peers, unread counts,
     # system last lines
     assert counter.count == 9, counter.statements
+
+
+@pytest.mark.parametrize("method, url, data", [
+    ("get", "/conversations/9999999999", None),
+    ("get", "/conversations/99999999999999999999999", None),
+    ("post", "/conversations", {"user_id": "99999999999"}),
+    ("post", "/conversations", {"name": "G", "member_ids": ["99999999999999999999999", "2"]}),
+    ("get", "/users/search?q=a%00b", None),
+    ("post", "/conversations", {"username": "a\x00"}),
+    ("post", "/conversations/{direct}/messages", {"body": "hi\x00there"}),
+    ("get", "/conversations/{direct}/messages?before=99999999999999999999999", None),
+    ("post", "/conversations/{group}/members/99999999999/remove", {}),
+])
+def test_out_of_range_ids_and_nul_bytes_are_4xx_not_500(app, setup, method, url, data):
+    client = as_user(app, "alice")
+    url = url.format(**setup)
+    response = client.get(url, headers=HX if "before" in url else {}) if method == "get" \
+        else client.post(url, data=data)
+    assert 400 <= response.status_code < 500, (response.status_code, response.get_data(as_text=True)[:300])
+
+
+def test_login_with_nul_byte_is_400(client, users):
+    response = client.post("/auth/login", data={"username": "ali\x00ce", "password": "password123"})
+    assert response.status_code == 400
+
+
+def test_signed_out_session_cookie_is_refused_over_http(app, users):
+    client = login_client(app, "alice")
+    saved = client.get_cookie("session").value
+    client.post("/auth/logout")
+    thief = app.test_client()
+    thief.set_cookie("session", saved)
+    assert thief.get("/").status_code in (302, 303)
+
+
+def test_htmx_page_requests_get_fragments(app, setup):
+    client = as_user(app, "alice")
+    for url in ("/", f"/conversations/{setup['direct']}", "/profile"):
+        html = client.get(url, headers=HX).get_data(as_text=True)
+        assert "<html" not in html and "<head>" not in html and "<!doctype" not in html, url
+    assert 'id="conversation-list"' in client.get("/", headers=HX).get_data(as_text=True)

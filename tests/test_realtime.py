@@ -356,3 +356,52 @@ def test_a_peer_that_stops_reading_is_dropped_and_does_not_hold_up_others(app, c
             assert b"stopped reading: dropping it" in fh.read()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("frame", [
+    '{"type": "message", "conversation_id": 1, "body": 5}',
+    '{"type": "message", "conversation_id": 1, "body": "x", "client_id": 7}',
+    '{"type": "join", "conversation_id": Infinity}',
+    '{"type": "join", "conversation_id": 99999999999999999999999}',
+    '{"type": "message", "conversation_id": 1, "body": "nul\\u0000byte"}',
+    '[1, 2]',
+])
+def test_odd_frames_get_error_frames_and_the_socket_stays(servers, chat, frame):
+    a, _b = servers
+    alice = Socket(a, http_login(a.url, "alice"))
+    alice.ws.send(frame)
+    assert "ws-error" in alice.wait_for("ws-error")
+    alice.frames.clear()
+    alice.send(type="message", conversation_id=chat["direct"], body="still alive")
+    alice.wait_for("still alive")
+    alice.close()
+
+
+def test_huge_after_is_accepted(servers, chat):
+    a, _b = servers
+    client = http_login(a.url, "alice")
+    sock = Socket(a, client, after=10**30)
+    sock.send(type="message", conversation_id=chat["direct"], body="after huge")
+    sock.wait_for("after huge")
+    sock.close()
+
+
+def test_removed_member_gets_no_typing_hints(servers, chat):
+    a, b = servers
+    alice, carol = http_login(a.url, "alice"), http_login(b.url, "carol")
+    carol_sock = Socket(b, carol)
+    carol_sock.send(type="join", conversation_id=chat["group"])
+    bob_sock = Socket(a, http_login(a.url, "bob"))
+    bob_sock.send(type="join", conversation_id=chat["group"])
+    time.sleep(0.3)
+    bob_sock.send(type="typing", conversation_id=chat["group"])
+    carol_sock.wait_for("Bob is typing")  # a member sees it
+    carol_sock.frames.clear()
+    response = alice.post(f"/conversations/{chat['group']}/members/{chat['carol']}/remove",
+                          data={"csrf_token": csrf_of(alice)})
+    assert response.status_code == 303
+    time.sleep(0.3)
+    bob_sock.send(type="typing", conversation_id=chat["group"])
+    assert carol_sock.quiet_for("is typing", 1.5)
+    carol_sock.close()
+    bob_sock.close()

@@ -220,12 +220,32 @@ def _register_request_hooks(app: Flask) -> None:
     from .services.messages import system_text
 
     @app.before_request
+    def refuse_nul_bytes():
+        # No field of ours may hold NUL, and PostgreSQL refuses it in text: say 400, not 500.
+        values = list(request.args.values())
+        if request.method != "GET" and request.mimetype in ("application/x-www-form-urlencoded",
+                                                             "multipart/form-data"):
+            values += list(request.form.values())
+        if any("\x00" in value for value in values):
+            return render_template("errors/error.html", status=400,
+                                   message=_("The request contains a NUL character.")), 400
+
+    @app.before_request
     def ensure_socket_session_id() -> None:
-        # Each signed-in browser session gets an id so logout can close exactly its sockets.
+        # Each signed-in browser session gets an id so logout can close exactly its sockets,
+        # and a copy of a signed-out session's cookie is refused everywhere.
         if request.endpoint == "static":
             return
-        if current_user.is_authenticated and "sid" not in session:
-            session["sid"] = secrets.token_urlsafe(12)
+        from flask_login import logout_user
+
+        from .services.accounts import is_session_revoked
+
+        if current_user.is_authenticated:
+            if "sid" not in session:
+                session["sid"] = secrets.token_urlsafe(12)
+            elif is_session_revoked(session["sid"]):
+                logout_user()
+                session.clear()
 
     @app.before_request
     def touch_last_seen() -> None:

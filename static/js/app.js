@@ -86,10 +86,15 @@
     markActive();
     updateTitle();
     scrollToBottom(false);
-    var t = evt.detail.target;
+    var t = evt.target;  // the element just swapped in
     if (t && t.getAttribute && t.getAttribute("data-typing")) {
       clearTimeout(t._clear);
       t._clear = setTimeout(function () { t.textContent = ""; }, 4000);
+    }
+    if (t && t.id === "ws-reload") {
+      // Too much was missed to stream: the page itself is the fastest way to catch up.
+      window.location.reload();
+      return;
     }
     if (t && t.id === "ws-refresh") {
       htmx.ajax("GET", "/", { target: "#conversation-list", swap: "outerHTML", select: "#conversation-list" });

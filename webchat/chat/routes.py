@@ -10,7 +10,7 @@ from .. import is_htmx, refusal
 from ..extensions import db, redis_store
 from ..models import Image, Membership, User
 from ..realtime.hub import online_user_ids
-from ..services import DomainError, NotFound
+from ..services import DomainError, NotFound, parse_id
 from ..services import conversations as convs
 from ..services import messages as msgs
 from . import bp
@@ -75,8 +75,8 @@ def create_conversation():
                                               request.files.get("image"))
         else:
             other = None
-            if request.form.get("user_id", "").strip().isdigit():
-                other = db.session.get(User, int(request.form["user_id"]))
+            if request.form.get("user_id", "").strip():
+                other = db.session.get(User, parse_id(request.form["user_id"], _("No such user.")))
             elif request.form.get("username"):
                 from ..services.accounts import find_user_by_username
 

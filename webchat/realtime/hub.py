@@ -63,8 +63,9 @@ class Client:
         self._sent: OrderedDict[int, None] = OrderedDict()
         self._ready = False
         self._pending: list[tuple[int | None, str]] = []
+        self._replayed: list[tuple[int | None, str]] = []
 
-    def send(self, html: str, mid: int | None = None) -> None:
+    def send(self, html: str, mid: int | None = None, replayed: bool = False) -> None:
         """Send a frame once; frames for a message already sent to this socket are dropped."""
         with self.lock:
             if mid is not None:
@@ -76,7 +77,7 @@ class Client:
                 self.last_id = max(self.last_id, mid)
             if not self._ready:
                 # Live frames wait until replay has sent the older ones, to keep order.
-                self._pending.append((mid, html))
+                (self._replayed if replayed else self._pending).append((mid, html))
                 return
             self._write(html)
 
@@ -105,8 +106,9 @@ class Client:
     def start_live(self) -> None:
         """Flush the frames that arrived during replay and send live from now on."""
         with self.lock:
-            for _mid, html in self._pending:
+            for _mid, html in self._replayed + self._pending:
                 self._write(html)
+            self._replayed.clear()
             self._pending.clear()
             self._ready = True
 
@@ -320,10 +322,16 @@ class Hub:
             self.plan_rows(out, int(event["cid"]), [int(event["uid"])], [])
         elif kind == "typing":
             cid, uid = int(event["cid"]), int(event["uid"])
-            for client in self.all_clients():
-                if client.joined == cid and client.user_id != uid:
-                    out.append(partial(client.send, self._render(client, "realtime/_typing.html", cid=cid,
-                                                                 name=event.get("name", ""))))
+            viewers = [c for c in self.all_clients() if c.joined == cid and c.user_id != uid]
+            if viewers:
+                # Only current members: someone removed a moment ago may still have it open.
+                members = set(db.session.scalars(select(Membership.user_id).where(
+                    Membership.conversation_id == cid,
+                    Membership.user_id.in_({c.user_id for c in viewers}))).all())
+                for client in viewers:
+                    if client.user_id in members:
+                        out.append(partial(client.send, self._render(client, "realtime/_typing.html", cid=cid,
+                                                                     name=event.get("name", ""))))
         elif kind == "close_user":
             for client in self.clients_of(int(event["uid"])):
                 out.append(partial(client.close, int(event.get("code", 1008)), "signed out"))
@@ -398,12 +406,25 @@ class Hub:
                     html = self._render(client, "realtime/_row_frame.html", row=row)
                 out.append(partial(client.send, html))
 
-    def replay(self, client: Client, after: int) -> int:
-        """Send, in order, the messages newer than `after` in the client's conversations."""
+    def replay(self, client: Client, after: int, page: int = 500, max_pages: int = 10) -> int:
+        """Send, in order, the messages newer than `after` in the client's conversations.
+
+        A gap larger than `page * max_pages` messages is not streamed: the page is told to reload.
+        """
         from ..services.conversations import conversation_row
         from ..services.messages import messages_for_replay
 
-        messages = messages_for_replay(client.user_id, after)
+        messages: list[Message] = []
+        cursor, lookback = after, True
+        for _ in range(max_pages):
+            batch = messages_for_replay(client.user_id, cursor, limit=page, lookback=lookback)
+            messages.extend(batch)
+            if len(batch) < page:
+                break
+            cursor, lookback = batch[-1].id, False
+        else:
+            client.send(self._render(client, "realtime/_reload.html"), replayed=True)
+            return 0
         last_by_conv: dict[int, int] = {}
         for m in messages:
             last_by_conv[m.conversation_id] = m.id
@@ -412,7 +433,7 @@ class Hub:
             for m in messages:
                 row = rows.get(m.conversation_id) if last_by_conv[m.conversation_id] == m.id else None
                 html = render_template("realtime/_message_frame.html", message=m, row=row, me_id=client.user_id)
-                client.send(html, mid=m.id)
+                client.send(html, mid=m.id, replayed=True)
         return len(messages)
 
     def _resync(self) -> None:

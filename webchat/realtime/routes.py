@@ -11,7 +11,7 @@ from flask_login import current_user
 
 from ..extensions import db, sock
 from ..models import User
-from ..services import DomainError
+from ..services import MAX_ID, DomainError
 from ..services import accounts
 from ..services import conversations as convs
 from ..services import messages as msgs
@@ -79,6 +79,10 @@ def handle_frame(client: Client, raw) -> str | None:
             return _error_frame(_("Unknown frame type."), "unknown_type")
     except DomainError as exc:
         return _error_frame(exc.message, "not_found" if exc.status == 404 else "invalid")
+    except Exception:  # a frame must never take the socket down
+        db.session.rollback()
+        current_app.logger.exception("frame failed: %r", raw[:200])
+        return _error_frame(_("That frame could not be handled."), "server_error")
     return None
 
 
@@ -88,6 +92,8 @@ def ws(socket):
     client = Client(socket, current_user.id, session.get("sid"), str(get_locale()),
                     send_timeout=current_app.config["WS_SEND_TIMEOUT"])
     after = request.args.get("after", type=int)
+    if after is not None:
+        after = max(0, min(after, MAX_ID))
     hub.add(client)
     try:
         if after is not None and after >= 0:

@@ -22,6 +22,21 @@ class Forbidden(DomainError):
     status = 403
 
 
+MAX_ID = 2**63 - 1  # message ids (BIGINT)
+MAX_ROW_ID = 2**31 - 1  # user and conversation ids (INTEGER)
+
+
+def parse_id(raw, not_found: str = "Not found.", max_value: int = MAX_ROW_ID) -> int:
+    """Return raw as a positive database id, or raise NotFound (garbage and huge numbers alike)."""
+    try:
+        value = int(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise NotFound(not_found)
+    if isinstance(raw, bool) or not 0 < value <= max_value:
+        raise NotFound(not_found)
+    return value
+
+
 @contextmanager
 def transaction():
     """Commit what the block wrote, or roll all of it back (and re-raise) if anything fails."""

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..extensions import db
 from ..models import Conversation, Image, Membership, Message, Unread, User, utcnow
-from . import DomainError, Forbidden, NotFound, transaction
+from . import DomainError, Forbidden, NotFound, parse_id, transaction
 from .images import has_file, store_upload
 
 MAX_GROUP_OTHERS = 200
@@ -19,10 +19,7 @@ MIN_GROUP_OTHERS = 2
 
 def get_conversation_for(user_id: int, cid) -> tuple[Conversation, Membership]:
     """Return the conversation and the user's membership, or raise NotFound for non-members."""
-    try:
-        cid = int(cid)
-    except (TypeError, ValueError):
-        raise NotFound(_l("No such conversation."))
+    cid = parse_id(cid, _l("No such conversation."))
     row = db.session.execute(
         select(Conversation, Membership)
         .join(Membership, Membership.conversation_id == Conversation.id)
@@ -73,9 +70,9 @@ def _parse_ids(ids) -> list[int]:
     out = []
     for raw in ids or []:
         try:
-            out.append(int(raw))
-        except (TypeError, ValueError):
-            raise DomainError(_l("Unknown user."), 422)
+            out.append(parse_id(raw))
+        except NotFound:
+            raise DomainError(_l("Some of those people do not exist."), 422)
     return list(dict.fromkeys(out))
 
 
@@ -169,10 +166,7 @@ def add_members(actor: User, conversation: Conversation, member_ids) -> list[Use
 def remove_member(actor: User, conversation: Conversation, user_id) -> None:
     """Remove one member from a group (owner only; the owner leaves instead)."""
     _require_group_owner(actor, conversation)
-    try:
-        user_id = int(user_id)
-    except (TypeError, ValueError):
-        raise NotFound(_l("No such member."))
+    user_id = parse_id(user_id, _l("No such member."))
     if user_id == actor.id:
         raise DomainError(_l("Owners leave a group instead of removing themselves."), 422)
     membership = db.session.get(Membership, (conversation.id, user_id))

@@ -12,7 +12,7 @@ from sqlalchemy.orm import joinedload
 
 from ..extensions import db
 from ..models import Conversation, Membership, Message, Unread, User, utcnow
-from . import DomainError, NotFound
+from . import MAX_ID, DomainError, NotFound
 from .images import has_file, store_upload
 
 MAX_BODY = 4000
@@ -46,7 +46,11 @@ def preview_of(message: Message) -> str:
 
 def check_message(body: str | None, image, client_id: str | None) -> tuple[str, str | None]:
     """Validate a message's parts and return the normalised body and client id."""
+    if not isinstance(body, (str, type(None))) or not isinstance(client_id, (str, type(None))):
+        raise DomainError(_l("body and client_id must be text."), 422)
     body = (body or "").strip()
+    if "\x00" in body or "\x00" in (client_id or ""):
+        raise DomainError(_l("Messages cannot contain NUL characters."), 422)
     if not body and not has_file(image):
         raise DomainError(_l("Write something or attach an image."), 422)
     if len(body) > MAX_BODY:
@@ -122,8 +126,10 @@ def messages_page(conversation_id: int, before=None, limit: int = PAGE_SIZE) -> 
     if before is not None:
         try:
             before_id = int(before)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise DomainError(_l("'before' must be a message of this conversation."), 400)
+        if not 0 < before_id <= MAX_ID:
+            raise NotFound(_l("'before' must be a message of this conversation."))
         exists = db.session.scalar(select(Message.id).where(
             Message.id == before_id, Message.conversation_id == conversation_id))
         if exists is None:
@@ -132,13 +138,13 @@ def messages_page(conversation_id: int, before=None, limit: int = PAGE_SIZE) -> 
     return list(reversed(db.session.scalars(query).all()))
 
 
-def messages_for_replay(user_id: int, after: int, limit: int = 500) -> list[Message]:
+def messages_for_replay(user_id: int, after: int, limit: int = 500, lookback: bool = True) -> list[Message]:
     """Return messages newer than `after` in the user's conversations, oldest first.
 
     Also returns messages a little older than `after` that were created within the lookback
     window of it: they may have committed after the client saw `after`. Clients skip ids they have.
     """
-    anchor = db.session.scalar(select(Message.created_at).where(Message.id == after)) if after else None
+    anchor = db.session.scalar(select(Message.created_at).where(Message.id == after)) if after and lookback else None
     newer = Message.id > after
     if anchor is not None:
         newer = or_(newer, and_(Message.id < after, Message.created_at >= anchor - REPLAY_LOOKBACK))
