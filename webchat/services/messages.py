@@ -98,6 +98,8 @@ def send_message(sender: User, conversation: Conversation, body: str | None, ima
                    Unread.last_read_message_id < message.id)
             .values(last_read_message_id=message.id, read_at=message.created_at)
         )
+        # Plain ints before the commit: reading them afterwards would reload both rows.
+        conversation_id, message_id = conversation.id, message.id
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
@@ -109,10 +111,9 @@ def send_message(sender: User, conversation: Conversation, body: str | None, ima
     except Exception:
         db.session.rollback()
         raise
-    db.session.expire(conversation)
     from ..realtime import bus
 
-    bus.message_created(conversation.id, message.id)
+    bus.message_created(conversation_id, message_id)
     return message, True
 
 
