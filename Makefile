@@ -35,6 +35,7 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
+	$(BIN)/pip install -q -r bench/requirements.txt
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:

@@ -1,0 +1,124 @@
+"""The reference relay: the smallest flask-sock app that pushes a posted text to sockets.
+
+No database, no auth, no templates: it is the ceiling of the stack (Flask + flask-sock +
+gunicorn's gevent worker with webchat's own gunicorn config). Run it like the app:
+
+    gunicorn -c webchat/gunicorn_conf.py bench.relay:app
+
+- `GET /ws?key=K` registers a socket under key K (a stand-in for a user id).
+- `POST /send` with form fields `text` and `to` (comma-separated keys; empty: every socket)
+  pushes `text` to those keys' sockets. A JSON frame `{"to": "a,b", "text": "..."}` sent on a
+  socket does the same, so HTTP and WebSocket sends can be compared with webchat's.
+- With RELAY_REDIS_URL set, a send is published on Redis and every process's listener delivers
+  to its own sockets (as webchat's hub does); without it, delivery stays in this process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import defaultdict
+
+from flask import Flask, request
+from flask_sock import Sock
+
+app = Flask(__name__)
+app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": 25}
+sock = Sock(app)
+
+CHANNEL = "relay:events"
+REDIS_URL = os.environ.get("RELAY_REDIS_URL")
+_sockets: dict[str, set] = defaultdict(set)
+_locks: dict[int, threading.Lock] = {}
+_registry_lock = threading.Lock()
+_listener_started = False
+_redis = None
+
+
+def _deliver(to: str, text: str) -> None:
+    """Send text to the local sockets of the given keys (or to all)."""
+    with _registry_lock:
+        if to:
+            targets = [ws for key in to.split(",") for ws in _sockets.get(key, ())]
+        else:
+            targets = [ws for group in _sockets.values() for ws in group]
+    for ws in targets:
+        lock = _locks.get(id(ws))
+        if lock is None:
+            continue
+        with lock:  # simple-websocket's send is not safe from two greenlets at once
+            try:
+                ws.send(text)
+            except Exception:
+                pass
+
+
+def _listen() -> None:
+    import redis
+
+    pubsub = redis.Redis.from_url(REDIS_URL).pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(CHANNEL)
+    for item in pubsub.listen():
+        if item.get("type") == "message":
+            event = json.loads(item["data"])
+            _deliver(event["to"], event["text"])
+
+
+def _ensure_listener() -> None:
+    global _listener_started, _redis
+    if not REDIS_URL or _listener_started:
+        return
+    with _registry_lock:
+        if _listener_started:
+            return
+        import redis
+
+        _redis = redis.Redis.from_url(REDIS_URL)
+        _listener_started = True
+    threading.Thread(target=_listen, daemon=True).start()
+
+
+def relay(to: str, text: str) -> None:
+    """Publish to every process when there are several, else deliver here."""
+    _ensure_listener()
+    if _redis is not None:
+        _redis.publish(CHANNEL, json.dumps({"to": to, "text": text}))
+    else:
+        _deliver(to, text)
+
+
+@app.get("/healthz")
+def healthz():
+    """Answer that the relay is up."""
+    _ensure_listener()
+    return {"status": "ok"}
+
+
+@app.post("/send")
+def send():
+    """Relay a posted text to the sockets of the `to` keys."""
+    relay(request.form.get("to", ""), request.form["text"])
+    return "", 204
+
+
+@sock.route("/ws")
+def ws(socket):
+    """Hold a socket under its key; relay the JSON frames it sends."""
+    _ensure_listener()
+    key = request.args.get("key", "")
+    with _registry_lock:
+        _sockets[key].add(socket)
+        _locks[id(socket)] = threading.Lock()
+    try:
+        while True:
+            raw = socket.receive()
+            if raw is None:
+                continue
+            frame = json.loads(raw)
+            relay(frame.get("to", ""), frame["text"])
+    finally:
+        with _registry_lock:
+            _sockets[key].discard(socket)
+            if not _sockets[key]:
+                del _sockets[key]
+            _locks.pop(id(socket), None)
