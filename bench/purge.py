@@ -178,7 +178,7 @@ async def _send_during_purge(run: Run, args, db_url: str, redis_url: str) -> dic
     print(f"  purge: {purge}")
     print(f"  purge wall time seen by the bench: {result['purge_wall_s']:.1f}s (process start included)")
     print(f"  sending {args.rate:g} msg/s over HTTP")
-    print(f"  (\"during\" = from the purge's start to its end inside the worker)")
+    print("  (\"during\" = from the purge's start to its end inside the worker)")
     print(f"  send before purge:  {fmt_latency(result['send_baseline'])}")
     print(f"  send during purge:  {fmt_latency(result['send_during'])}")
     print(f"  delivery before:    {fmt_latency(result['delivery_baseline'])}")

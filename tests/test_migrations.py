@@ -1,5 +1,4 @@
 """The migration from an empty database: upgrade, then downgrade."""
-import os
 import uuid
 
 import pytest

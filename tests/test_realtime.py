@@ -9,12 +9,11 @@ import time
 
 import pytest
 import websocket
-from sqlalchemy import select
 
 from tests.conftest import make_user
 from tests.support import WebServer, cookie_header, csrf_of, free_port, http_login
 from webchat.extensions import db
-from webchat.models import Unread, User
+from webchat.models import Unread
 from webchat.services import conversations as convs
 from webchat.services import messages as msgs
 

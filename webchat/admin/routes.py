@@ -1,11 +1,11 @@
 """Admin views (admin flag required): parse the request, call one service, render."""
 from __future__ import annotations
 
-from flask import Response, abort, redirect, render_template, request, url_for
+from flask import abort, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 from flask_login import current_user, login_required
 
-from .. import is_htmx, refusal
+from .. import refusal
 from ..services import DomainError
 from ..services import admin as service
 from . import bp
