@@ -1,4 +1,5 @@
-"""A prototype of a faster retention batch, to measure a recommended change (not the app's code).
+"""A prototype of a faster retention batch, measured before it was adopted (webchat.services.retention now runs
+the same statement); kept so that the "prototype" runs on older snapshots (--app-dir) can be repeated.
 
 The app's `purge_expired_messages` spends most of its time in Python building statements with
 1,000-element IN lists (SQLAlchemy renders 1,000 bind parameters, psycopg splits the query text
