@@ -55,11 +55,11 @@ def handle_frame(client: Client, raw) -> str | None:
     if not isinstance(frame, dict):
         return _error_frame(_("Frames must be JSON objects."))
     kind = frame.get("type")
-    user = db.session.get(User, client.user_id)
-    if user is None or user.is_disabled:
-        client.close(1008, "account closed")
-        return None
     try:
+        user = db.session.get(User, client.user_id)
+        if user is None or user.is_disabled:
+            client.close(1008, "account closed")
+            return None
         if kind == "message":
             conversation, _m = convs.get_conversation_for(user.id, frame.get("conversation_id"))
             msgs.send_message(user, conversation, frame.get("body"), None, frame.get("client_id"))
@@ -96,8 +96,16 @@ def ws(socket):
         after = max(0, min(after, MAX_ID))
     hub.add(client)
     try:
-        if after is not None and after >= 0:
-            hub.replay(client, after)
+        try:
+            if after is not None:
+                hub.replay(client, after)
+        except Exception:
+            # The database is away: 1011 makes the browser retry, and the retry replays.
+            db.session.rollback()
+            current_app.logger.exception("replay failed")
+            client.start_live()
+            client.close(1011, "try again")
+            return
         client.start_live()
         while True:
             # Give the pooled connection back before blocking: an idle socket must not hold one.
