@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 from flask import Response, abort, current_app, redirect, render_template, request, url_for
-from flask_babel import gettext as _
 from flask_login import current_user, login_required
-from sqlalchemy import select
 
 from .. import is_htmx, refusal
-from ..extensions import db, redis_store
-from ..models import Image, Membership, User
+from ..extensions import redis_store
+from ..models import User
 from ..realtime.hub import online_user_ids
-from ..services import DomainError, NotFound, parse_id
+from ..services import DomainError
 from ..services import conversations as convs
 from ..services import messages as msgs
+from ..services.images import image_for
 from . import bp
 
 
@@ -74,16 +73,7 @@ def create_conversation():
             conversation = convs.create_group(me, request.form.get("name", ""), request.form.getlist("member_ids"),
                                               request.files.get("image"))
         else:
-            other = None
-            if request.form.get("user_id", "").strip():
-                other = db.session.get(User, parse_id(request.form["user_id"], _("No such user.")))
-            elif request.form.get("username"):
-                from ..services.accounts import find_user_by_username
-
-                other = find_user_by_username(request.form["username"])
-            if other is None:
-                raise NotFound(_("No such user."))
-            conversation = convs.find_or_create_direct(me, other)
+            conversation = convs.start_direct(me, request.form.get("user_id"), request.form.get("username"))
     except DomainError as exc:
         return _fail(exc, _index_page)
     target = url_for("chat.conversation", cid=conversation.id)
@@ -246,25 +236,14 @@ def disband(cid: int):
 @login_required
 def image(image_id: str, variant: str = "full"):
     """Serve an image to those allowed to see it: members for conversation images, users for avatars."""
-    if variant not in ("full", "thumb"):
+    try:
+        served = image_for(current_user.id, image_id, variant)
+    except DomainError:
         abort(404)
-    row = db.session.execute(
-        select(Image.id, Image.conversation_id, Image.content_type,
-               Image.thumb if variant == "thumb" else Image.data).where(Image.id == image_id)
-    ).first()
-    if row is None:
-        abort(404)
-    if row.conversation_id is not None:
-        member = db.session.get(Membership, (row.conversation_id, current_user.id))
-        if member is None:
-            abort(404)
-    body = row[3]
-    if body is None:
-        abort(404)
-    etag = f'"{row.id}-{variant}"'
+    etag = f'"{served.id}-{variant}"'
     if request.headers.get("If-None-Match") == etag:
         return Response(status=304, headers={"ETag": etag})
-    return Response(body, mimetype=row.content_type, headers={
+    return Response(served.body, mimetype=served.content_type, headers={
         # Image ids are never reused, so the bytes never change; private: behind sign-in.
         "Cache-Control": "private, max-age=31536000, immutable",
         "ETag": etag,

@@ -411,7 +411,7 @@ class Hub:
 
         A gap larger than `page * max_pages` messages is not streamed: the page is told to reload.
         """
-        from ..services.conversations import conversation_row
+        from ..services.conversations import rows_for_user
         from ..services.messages import messages_for_replay
 
         messages: list[Message] = []
@@ -428,7 +428,7 @@ class Hub:
         last_by_conv: dict[int, int] = {}
         for m in messages:
             last_by_conv[m.conversation_id] = m.id
-        rows = {cid: conversation_row(client.user_id, cid) for cid in last_by_conv}
+        rows = rows_for_user(client.user_id, last_by_conv)
         with force_locale(client.locale):
             for m in messages:
                 row = rows.get(m.conversation_id) if last_by_conv[m.conversation_id] == m.id else None

@@ -66,6 +66,20 @@ def find_or_create_direct(a: User, b: User) -> Conversation:
     return conversation
 
 
+def start_direct(me: User, user_id=None, username: str | None = None) -> Conversation:
+    """Open the 1:1 conversation with the user named by id or username, creating it once."""
+    from .accounts import find_user_by_username
+
+    other = None
+    if str(user_id or "").strip():
+        other = db.session.get(User, parse_id(user_id, _l("No such user.")))
+    elif username:
+        other = find_user_by_username(username)
+    if other is None:
+        raise NotFound(_l("No such user."))
+    return find_or_create_direct(me, other)
+
+
 def _parse_ids(ids) -> list[int]:
     out = []
     for raw in ids or []:
@@ -374,6 +388,20 @@ def conversation_list(user_id: int) -> list[ConversationRow]:
                   Conversation.id.desc())
     ).all()
     return build_rows(user_id, [(c, m) for c, m in pairs])
+
+
+def rows_for_user(user_id: int, cids) -> dict[int, ConversationRow]:
+    """Return one user's visible list rows for these conversations, in a fixed number of queries."""
+    cids = list(cids)
+    if not cids:
+        return {}
+    pairs = db.session.execute(
+        select(Conversation, Membership)
+        .join(Membership, Membership.conversation_id == Conversation.id)
+        .where(Membership.user_id == user_id, Conversation.id.in_(cids))
+    ).all()
+    visible = [(c, m) for c, m in pairs if not m.is_hidden(c)]
+    return {row.id: row for row in build_rows(user_id, visible)}
 
 
 def conversation_row(user_id: int, cid: int) -> ConversationRow | None:

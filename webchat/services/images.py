@@ -99,6 +99,34 @@ def store_upload(upload, *, uploader_id: int | None = None, conversation_id: int
     return image
 
 
+@dataclass
+class ServedImage:
+    id: str
+    content_type: str
+    body: bytes
+
+
+def image_for(user_id: int, image_id: str, variant: str = "full") -> ServedImage:
+    """Return an image's bytes if this user may see it (members only for conversation images), else 404."""
+    from sqlalchemy import select
+
+    from ..models import Membership
+    from . import NotFound
+
+    if variant not in ("full", "thumb"):
+        raise NotFound(_l("No such image."))
+    row = db.session.execute(
+        select(Image.id, Image.conversation_id, Image.content_type,
+               Image.thumb if variant == "thumb" else Image.data).where(Image.id == image_id)
+    ).first()
+    # The same answer for "no such image" and "not yours": do not reveal that it exists.
+    if row is None or row[3] is None:
+        raise NotFound(_l("No such image."))
+    if row.conversation_id is not None and db.session.get(Membership, (row.conversation_id, user_id)) is None:
+        raise NotFound(_l("No such image."))
+    return ServedImage(row.id, row.content_type, row[3])
+
+
 def has_file(upload) -> bool:
     """Say whether a form's file field carries a file."""
     return upload is not None and bool(getattr(upload, "filename", ""))
