@@ -318,3 +318,43 @@ def test_rows_for_members_match_single_rows_in_constant_queries(app, people, cou
     pair = convs.rows_for_members(direct.id, [people["alice"].id, people["bob"].id])
     assert (pair[people["alice"].id].title, pair[people["bob"].id].title) == ("Bob", "Alice")
     assert (pair[people["alice"].id].unread, pair[people["bob"].id].unread) == (0, 1)
+
+
+def test_list_pages_follow_each_other_without_overlap(people):
+    alice = people["alice"]
+    others = [make_user(f"p{i:03d}") for i in range(convs.LIST_PAGE * 2 + 7)]
+    for other in others:
+        msgs.send_message(other, convs.find_or_create_direct(alice, other), "hi")
+    everything = [r.id for r in convs.conversation_list(alice.id)]
+    assert len(everything) == len(others)
+    first, cursor = convs.conversation_page(alice.id)
+    second, cursor2 = convs.conversation_page(alice.id, cursor)
+    third, cursor3 = convs.conversation_page(alice.id, cursor2)
+    assert (len(first), len(second), len(third), cursor3) == (convs.LIST_PAGE, convs.LIST_PAGE, 7, None)
+    assert [r.id for r in first + second + third] == everything
+    # A conversation further down gets a message while the user scrolls: it moves to the top,
+    # so the next page does not show it a second time and nothing else is skipped.
+    mover = third[0].conversation
+    msgs.send_message(others[[o.id for o in others].index(third[0].peer.id)], mover, "back on top")
+    assert [r.id for r in convs.conversation_page(alice.id, cursor2)[0]] == [r.id for r in third[1:]]
+    assert convs.conversation_page(alice.id)[0][0].id == mover.id
+
+
+@pytest.mark.parametrize("before", ["", "x", "12-", "-3", "1-0", "99999999999999999999-1", "1-99999999999"])
+def test_bad_list_cursor_is_refused(people, before):
+    with pytest.raises(DomainError):
+        convs.conversation_page(people["alice"].id, before)
+
+
+def test_member_states_are_one_query_with_exact_unread_and_hiding(app, people, count_queries):
+    alice, bob, carol = people["alice"], people["bob"], people["carol"]
+    group = convs.create_group(alice, "G", [bob.id, carol.id])
+    for i in range(3):
+        msgs.send_message(alice, group, f"m{i}")
+    convs.hide(carol, group, db.session.get(Membership, (group.id, carol.id)))
+    counter = count_queries()
+    with counter:
+        states = convs.member_states(group.id, [alice.id, bob.id, carol.id, people["dave"].id])
+    assert counter.count == 1
+    hidden_through = group.last_message_id
+    assert states == {alice.id: (None, 0), bob.id: (None, 3), carol.id: (hidden_through, 3)}

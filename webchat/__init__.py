@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 
 from flask import Flask, current_app, jsonify, redirect, render_template, request, session, url_for
 from flask_babel import gettext as _
@@ -11,6 +12,8 @@ from flask_login import current_user
 from flask_wtf.csrf import CSRFError
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.pool import Pool
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -58,7 +61,9 @@ def _configure(app: Flask, config) -> None:
         app.config["SQLALCHEMY_DATABASE_URI"] = sqlite_url(app.instance_path)
     if app.config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql"):
         # gevent runs many requests and the hub's planners at once in one process.
-        options = {"pool_size": 10, "max_overflow": 20, **app.config.get("SQLALCHEMY_ENGINE_OPTIONS", {})}
+        # A steady pool: overflow connections are closed on checkin, and reconnecting costs more
+        # than the query it was for.
+        options = {"pool_size": 20, "max_overflow": 10, **app.config.get("SQLALCHEMY_ENGINE_OPTIONS", {})}
         app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
     if not app.config.get("REDIS_URL"):
         app.config["REDIS_URL"] = embedded_redis_url(app.instance_path)
@@ -83,6 +88,35 @@ def _dev_secret(instance_path: str) -> str:
         pass
     with open(path) as fh:
         return fh.read().strip()
+
+
+PING_AFTER_IDLE = 10.0  # seconds a pooled connection may sit unused before it is checked on checkout
+
+
+@event.listens_for(Pool, "checkin")
+def _note_checkin(_dbapi_connection, record) -> None:
+    if record is not None:
+        record.info["checked_in"] = time.monotonic()
+
+
+@event.listens_for(Pool, "checkout")
+def _ping_if_idle(dbapi_connection, record, _proxy) -> None:
+    """Check a connection that sat idle (the database may have restarted meanwhile) before use.
+
+    SQLAlchemy's pessimistic pattern, but only after PING_AFTER_IDLE: pool_pre_ping's round trip
+    on every checkout would double the push path's queries. A connection that dies while busy
+    fails one statement, and SQLAlchemy then discards the whole pool.
+    """
+    last = record.info.get("checked_in")
+    if last is None or time.monotonic() - last < PING_AFTER_IDLE:
+        return
+    try:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SELECT 1")
+        cursor.close()
+        dbapi_connection.rollback()
+    except Exception as exc:
+        raise DisconnectionError("connection lost while idle") from exc
 
 
 @event.listens_for(Engine, "connect")

@@ -32,7 +32,9 @@ class RedisClient:
         return current_app.extensions["redis"]
 
 
-db = SQLAlchemy(model_class=Base)
+# Sessions live for one request, event or socket frame, so objects need not be reloaded after a
+# commit: rendering the reply to a send would otherwise read back the rows it just wrote.
+db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
 migrate = Migrate()
 login_manager = LoginManager()
 csrf = CSRFProtect()

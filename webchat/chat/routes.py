@@ -24,20 +24,27 @@ def _me() -> User:
     return current_user._get_current_object()
 
 
-def _index_page(error: str | None = None, results=None, q: str = ""):
-    rows = convs.conversation_list(current_user.id)
-    return render_template("chat/index.html", rows=rows, error=error, results=results, q=q,
-                           newest_id=max((r.conversation.last_message_id or 0 for r in rows), default=0),
+def _index_page(error: str | None = None, results=None, q: str = "", before: str | None = None):
+    rows, next_cursor = convs.conversation_page(current_user.id, before)
+    return render_template("chat/index.html", rows=rows, next_cursor=next_cursor, error=error, results=results,
+                           q=q, newest_id=max((r.conversation.last_message_id or 0 for r in rows), default=0),
                            total_unread=sum(r.unread for r in rows))
 
 
 @bp.get("/")
 @login_required
 def index():
-    """Show the conversation list."""
+    """Show the conversation list, a page at a time (`before` continues it; htmx gets just the rows)."""
     q = request.args.get("q", "").strip()
-    results = convs.search_users(q, current_user.id) if q else None
-    return _index_page(results=results, q=q)
+    before = request.args.get("before")
+    try:
+        if before is not None and is_htmx():
+            rows, next_cursor = convs.conversation_page(current_user.id, before)
+            return render_template("chat/_conversation_rows.html", rows=rows, next_cursor=next_cursor)
+        results = convs.search_users(q, current_user.id) if q else None
+        return _index_page(results=results, q=q, before=before)
+    except DomainError as exc:
+        return _fail(exc, _index_page)
 
 
 @bp.get("/users/search")
@@ -85,17 +92,16 @@ def create_conversation():
 def _chat_page(cid, error: str | None = None, before=None):
     user_id = current_user.id
     conversation, membership = convs.get_conversation_for(user_id, cid)
-    # Mark read first: its commit expires loaded objects, and reloading them afterwards
-    # would cost one query per message.
+    # Mark read first, so the list below shows this conversation read.
     convs.mark_read(user_id, conversation)
     messages = msgs.messages_page(conversation.id, before=before)
     members = convs.members_of(conversation.id)
-    rows = convs.conversation_list(user_id)
+    rows, next_cursor = convs.conversation_page(user_id)
     online = online_user_ids(redis_store.client, [u.id for _m, u in members if u.id != current_user.id])
     peer = next((u for _m, u in members if u.id != current_user.id), None) if not conversation.is_group else None
     return render_template(
         "chat/conversation.html", conversation=conversation, membership=membership, messages=messages,
-        members=members, rows=rows, peer=peer, online=online, error=error,
+        members=members, rows=rows, next_cursor=next_cursor, peer=peer, online=online, error=error,
         has_older=len(messages) == msgs.PAGE_SIZE,
         newest_id=max([r.conversation.last_message_id or 0 for r in rows] + [conversation.last_message_id or 0]),
         total_unread=sum(r.unread for r in rows), retention_days=current_app.config["RETENTION_DAYS"],

@@ -8,6 +8,8 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, defaultdict
+from datetime import datetime
+from types import SimpleNamespace
 
 import socket
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from functools import partial
 import redis
 from flask import Flask, render_template
 from flask_babel import force_locale
+from flask_babel import lazy_gettext as _l
 from sqlalchemy import select
 from sqlalchemy.orm import joinedload
 
@@ -285,6 +288,8 @@ class Hub:
     def _plan_safely(self, raw) -> list[Callable[[], None]]:
         try:
             event = json.loads(raw)
+            if event.get("type") == "message" and "members" in event and not self._local_members(event):
+                return []  # none of this process's users is in the conversation: nothing to do
             with self.app.test_request_context("/"):
                 try:
                     return self.plan(event)
@@ -309,7 +314,9 @@ class Hub:
         """Return the sends and closes one event causes on this process's sockets, in order."""
         kind = event.get("type")
         out: list[Callable[[], None]] = []
-        if kind == "message":
+        if kind == "message" and "m" in event:
+            self.plan_delivery(out, event)
+        elif kind == "message":
             self.plan_messages(out, int(event["cid"]), [int(event["mid"])])
         elif kind == "conversation":
             self.plan_rows(out, int(event["cid"]), event.get("uids"), event.get("removed") or [])
@@ -344,6 +351,57 @@ class Hub:
                 for client in self.clients_of(int(uid)):
                     out.append(partial(client.send, self._render(client, "realtime/_refresh.html")))
         return out
+
+    def _local_members(self, event: dict) -> list[int]:
+        with self.lock:
+            return [int(uid) for uid in event["members"] if int(uid) in self.clients]
+
+    def plan_delivery(self, out: list, event: dict) -> None:
+        """Push a new message from the fields its event carries: one query, for the local members' badges."""
+        from ..services.conversations import ConversationRow, mark_read, member_states
+
+        local = self._local_members(event)
+        if not local:
+            return
+        cid, mid, m, c = int(event["cid"]), int(event["mid"]), event["m"], event["c"]
+        created_at = datetime.fromisoformat(m["created_at"])
+        sender = SimpleNamespace(id=m["sender_id"], name=m["sender_name"], avatar_id=m["sender_avatar"])
+        message = SimpleNamespace(id=mid, conversation_id=cid, kind="text", sender_id=m["sender_id"], sender=sender,
+                                  body=m["body"], image_id=m["image_id"], created_at=created_at)
+        conversation = SimpleNamespace(
+            id=cid, is_group=c["is_group"], name=c["name"], image_id=c["image_id"],
+            created_at=datetime.fromisoformat(c["created_at"]), last_message_id=mid, last_message_at=created_at,
+            last_message_text=c["text"], last_message_image=c["image"])
+        people = {int(uid): SimpleNamespace(id=int(uid), name=name, avatar_id=avatar)
+                  for uid, (name, avatar) in (event.get("people") or {}).items()}
+        states = member_states(cid, local)
+        # A socket viewing this conversation reads arriving messages at once.
+        for uid in states:
+            if uid != message.sender_id and any(cl.joined == cid for cl in self.clients_of(uid)):
+                if mark_read(uid, db.session.get(Conversation, cid), upto=mid, notify=True):
+                    states[uid] = (states[uid][0], 0)
+        message_html: dict[str, str] = {}
+        for uid, (hidden_through, unread) in states.items():
+            row = None
+            if hidden_through is None or hidden_through < mid:
+                if conversation.is_group:
+                    title, image_id, peer = conversation.name or "", conversation.image_id, None
+                else:
+                    peer = next((p for pid, p in people.items() if pid != uid), None)
+                    title = peer.name if peer else str(_l("Deleted user"))
+                    image_id = peer.avatar_id if peer else None
+                row = ConversationRow(conversation, title, image_id, peer, unread)
+            row_html: dict[str, str] = {}
+            for client in self.clients_of(uid):
+                locale = client.locale
+                if locale not in message_html:
+                    with force_locale(locale):
+                        message_html[locale] = render_template("realtime/_message_frame.html", message=message,
+                                                               row=None)
+                if locale not in row_html:
+                    row_html[locale] = "" if row is None else self._render(client, "realtime/_row_frame.html",
+                                                                            row=row)
+                out.append(partial(client.send, message_html[locale] + row_html[locale], mid=mid))
 
     def plan_messages(self, out: list, cid: int, mids: list[int]) -> None:
         """Render messages once per locale, with each local member's own row."""

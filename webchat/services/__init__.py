@@ -22,6 +22,22 @@ class Forbidden(DomainError):
     status = 403
 
 
+def sync_loaded(model, pk, values: dict) -> None:
+    """Give a row's new column values to its object if this session has it loaded.
+
+    Sessions do not expire objects on commit, and an UPDATE statement does not reliably
+    refresh loaded objects: a view that renders after an UPDATE must not show the old values.
+    """
+    from sqlalchemy.orm.attributes import set_committed_value
+
+    from ..extensions import db
+
+    obj = db.session.identity_map.get(db.session.identity_key(model, pk))
+    if obj is not None:
+        for key, value in values.items():
+            set_committed_value(obj, key, value)
+
+
 MAX_ID = 2**63 - 1  # message ids (BIGINT)
 MAX_ROW_ID = 2**31 - 1  # user and conversation ids (INTEGER)
 

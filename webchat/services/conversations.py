@@ -1,16 +1,17 @@
 """Conversations: 1:1 and groups, membership, hiding, disbanding and the conversation list."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 from flask_babel import lazy_gettext as _l
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..extensions import db
 from ..models import Conversation, Image, Membership, Message, Unread, User, utcnow
-from . import DomainError, Forbidden, NotFound, parse_id, transaction
+from . import DomainError, Forbidden, NotFound, parse_id, sync_loaded, transaction
 from .images import has_file, store_upload
 
 MAX_GROUP_OTHERS = 200
@@ -290,7 +291,9 @@ def refresh_last_message(conversation_ids) -> None:
             values = dict(last_message_id=newest.id, last_message_text=preview_of(newest),
                           last_message_image=newest.image_id is not None and not newest.body,
                           last_message_at=newest.created_at)
-        db.session.execute(update(Conversation).where(Conversation.id == cid).values(**values))
+        db.session.execute(update(Conversation).where(Conversation.id == cid).values(**values)
+                           .execution_options(synchronize_session=False))
+        sync_loaded(Conversation, cid, values)
 
 
 @dataclass
@@ -376,18 +379,57 @@ def build_rows(user_id: int, pairs: list[tuple[Conversation, Membership]]) -> li
     return rows
 
 
+LIST_PAGE = 50  # rows per page of the conversation list
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_CURSOR = re.compile(r"(\d{1,18})-(\d{1,19})")
+
+
+def list_cursor(row: ConversationRow) -> str:
+    """Return the 'before' value that continues the list after this row (its sort key)."""
+    return f"{(row.sort_time - _EPOCH) // timedelta(microseconds=1)}-{row.id}"
+
+
+def _parse_cursor(before: str) -> tuple[datetime, int]:
+    match = _CURSOR.fullmatch(before or "")
+    if match is None:
+        raise DomainError(_l("That page of the list does not exist."), 400)
+    try:
+        when = _EPOCH + timedelta(microseconds=int(match[1]))
+    except OverflowError:
+        raise DomainError(_l("That page of the list does not exist."), 400)
+    return when, parse_id(match[2], _l("That page of the list does not exist."))
+
+
 def conversation_list(user_id: int) -> list[ConversationRow]:
-    """Return the user's visible conversations, newest first, in three queries."""
-    pairs = db.session.execute(
+    """Return all of the user's visible conversations, newest first."""
+    return conversation_page(user_id, limit=None)[0]
+
+
+def conversation_page(user_id: int, before: str | None = None,
+                      limit: int | None = LIST_PAGE) -> tuple[list[ConversationRow], str | None]:
+    """Return a page of the user's visible conversations, newest first, and the cursor of the next page.
+
+    Keyset pagination on (last activity, id): a conversation that moves to the top while the
+    user scrolls is not shown twice. Four queries whatever the page or the list's length.
+    """
+    sort_key = func.coalesce(Conversation.last_message_at, Conversation.created_at)
+    query = (
         select(Conversation, Membership)
         .join(Membership, Membership.conversation_id == Conversation.id)
         .where(Membership.user_id == user_id)
         .where(or_(Membership.hidden_through.is_(None),
                    func.coalesce(Conversation.last_message_id, 0) > Membership.hidden_through))
-        .order_by(func.coalesce(Conversation.last_message_at, Conversation.created_at).desc(),
-                  Conversation.id.desc())
-    ).all()
-    return build_rows(user_id, [(c, m) for c, m in pairs])
+        .order_by(sort_key.desc(), Conversation.id.desc())
+    )
+    if before is not None:
+        when, cid = _parse_cursor(before)
+        query = query.where(or_(sort_key < when, and_(sort_key == when, Conversation.id < cid)))
+    if limit is not None:
+        query = query.limit(limit + 1)
+    pairs = [(c, m) for c, m in db.session.execute(query).all()]
+    more = limit is not None and len(pairs) > limit
+    rows = build_rows(user_id, pairs[:limit] if more else pairs)
+    return rows, (list_cursor(rows[-1]) if more else None)
 
 
 def rows_for_user(user_id: int, cids) -> dict[int, ConversationRow]:
@@ -468,6 +510,36 @@ def rows_for_members(cid: int, user_ids, known_text_id: int | None = None) -> di
     return rows
 
 
+def _member_states_statement():
+    unread = (
+        select(func.count(Message.id))
+        .where(Message.conversation_id == bindparam("cid"), Message.id > Unread.last_read_message_id,
+               Message.kind == "text", Message.sender_id != Unread.user_id)
+        .correlate(Unread).scalar_subquery()
+    )
+    return (
+        select(Membership.user_id, Membership.hidden_through, unread)
+        .join(Unread, and_(Unread.conversation_id == Membership.conversation_id,
+                           Unread.user_id == Membership.user_id))
+        .where(Membership.conversation_id == bindparam("cid"),
+               Membership.user_id.in_(bindparam("uids", expanding=True)))
+    )
+
+
+# Built once: the push path runs it for every message, and building a statement costs more
+# than running it.
+_MEMBER_STATES = _member_states_statement()
+
+
+def member_states(cid: int, user_ids) -> dict[int, tuple[int | None, int]]:
+    """Return (hidden_through, exact unread count) for these members of a conversation, in one query.
+
+    The push path's only query: `user_ids` are the members a process holds sockets for.
+    """
+    rows = db.session.execute(_MEMBER_STATES, {"cid": cid, "uids": list(user_ids)}).all()
+    return {uid: (hidden, count) for uid, hidden, count in rows}
+
+
 def members_of(conversation_id: int) -> list[tuple[Membership, User]]:
     """Return a conversation's members with their users, owner first."""
     rows = db.session.execute(
@@ -481,14 +553,17 @@ def members_of(conversation_id: int) -> list[tuple[Membership, User]]:
 def mark_read(user_id: int, conversation: Conversation, upto: int | None = None, *, notify: bool = True) -> bool:
     """Move the user's read pointer to the newest message (or upto); return whether it moved."""
     target = upto if upto is not None else (conversation.last_message_id or 0)
+    values = {"last_read_message_id": target, "read_at": utcnow()}
     result = db.session.execute(
         update(Unread)
         .where(Unread.conversation_id == conversation.id, Unread.user_id == user_id,
                Unread.last_read_message_id < target)
-        .values(last_read_message_id=target, read_at=utcnow())
+        .values(**values).execution_options(synchronize_session=False)
     )
     db.session.commit()
     moved = result.rowcount > 0
+    if moved:
+        sync_loaded(Unread, (conversation.id, user_id), values)
     if moved and notify:
         from ..realtime import bus
 

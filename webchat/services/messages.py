@@ -12,7 +12,7 @@ from sqlalchemy.orm import joinedload
 
 from ..extensions import db
 from ..models import Conversation, Membership, Message, Unread, User, utcnow
-from . import MAX_ID, DomainError, NotFound
+from . import MAX_ID, DomainError, NotFound, sync_loaded
 from .images import has_file, store_upload
 
 MAX_BODY = 4000
@@ -66,45 +66,76 @@ def _existing(sender_id: int, conversation_id: int, client_id: str) -> Message |
         Message.sender_id == sender_id, Message.conversation_id == conversation_id, Message.client_id == client_id))
 
 
+def _delivery(message: Message, conversation: Conversation, sender: User) -> dict:
+    """Return what every process needs to push a new message without reading it back (one query here).
+
+    The message's fields, the conversation's list-row fields and its member ids travel in the
+    event, so a listener touches the database only for its own members' unread counts, and a
+    process holding none of the members does nothing at all. A 1:1 also carries both people,
+    since each one's row shows the other.
+    """
+    if conversation.is_group:
+        members = list(db.session.scalars(
+            select(Membership.user_id).where(Membership.conversation_id == conversation.id)))
+        people = {}
+    else:
+        rows = db.session.execute(
+            select(User.id, User.name, User.avatar_id).join(Membership, Membership.user_id == User.id)
+            .where(Membership.conversation_id == conversation.id)).all()
+        members = [uid for uid, _name, _avatar in rows]
+        people = {str(uid): [name, avatar] for uid, name, avatar in rows}
+    return {
+        "type": "message", "cid": conversation.id, "mid": message.id,
+        "m": {"sender_id": sender.id, "sender_name": sender.name, "sender_avatar": sender.avatar_id,
+              "body": message.body, "image_id": message.image_id, "created_at": message.created_at.isoformat()},
+        "c": {"is_group": conversation.is_group, "name": conversation.name, "image_id": conversation.image_id,
+              "created_at": conversation.created_at.isoformat(), "text": preview_of(message),
+              "image": bool(message.image_id) and not message.body},
+        "members": members, "people": people,
+    }
+
+
 def send_message(sender: User, conversation: Conversation, body: str | None, image=None,
                  client_id: str | None = None) -> tuple[Message, bool]:
     """Send a text and/or image message; return it and whether it is new.
 
     Writes a constant number of rows whatever the group size: the message (and its image),
-    the conversation's last-message columns and the sender's own read pointer.
+    the conversation's last-message columns and the sender's own read pointer. A repeated
+    client_id is caught by the unique constraint, so the usual send does not look first.
     """
     body, client_id = check_message(body, image, client_id)
-    if client_id is not None:
-        existing = _existing(sender.id, conversation.id, client_id)
-        if existing is not None:
-            return existing, False
+    # Plain values first: after a rollback the ORM objects would reload them.
+    conversation_id, sender_id = conversation.id, sender.id
     try:
-        image_row = store_upload(image, conversation_id=conversation.id) if has_file(image) else None
-        message = Message(conversation_id=conversation.id, sender_id=sender.id, kind="text", body=body,
+        image_row = store_upload(image, conversation_id=conversation_id) if has_file(image) else None
+        message = Message(conversation_id=conversation_id, sender_id=sender_id, kind="text", body=body,
                           image_id=image_row.id if image_row else None, client_id=client_id, created_at=utcnow())
         db.session.add(message)
         db.session.flush()
         # Conditional, so that two senders committing out of id order never move it backwards.
-        db.session.execute(
+        last = {"last_message_id": message.id, "last_message_text": preview_of(message),
+                "last_message_image": bool(image_row) and not body, "last_message_at": message.created_at}
+        if db.session.execute(
             update(Conversation)
-            .where(Conversation.id == conversation.id,
+            .where(Conversation.id == conversation_id,
                    or_(Conversation.last_message_id.is_(None), Conversation.last_message_id < message.id))
-            .values(last_message_id=message.id, last_message_text=preview_of(message),
-                    last_message_image=bool(image_row) and not body, last_message_at=message.created_at)
-        )
-        db.session.execute(
+            .values(**last).execution_options(synchronize_session=False)
+        ).rowcount:
+            sync_loaded(Conversation, conversation_id, last)
+        read = {"last_read_message_id": message.id, "read_at": message.created_at}
+        if db.session.execute(
             update(Unread)
-            .where(Unread.conversation_id == conversation.id, Unread.user_id == sender.id,
+            .where(Unread.conversation_id == conversation_id, Unread.user_id == sender_id,
                    Unread.last_read_message_id < message.id)
-            .values(last_read_message_id=message.id, read_at=message.created_at)
-        )
-        # Plain ints before the commit: reading them afterwards would reload both rows.
-        conversation_id, message_id = conversation.id, message.id
+            .values(**read).execution_options(synchronize_session=False)
+        ).rowcount:
+            sync_loaded(Unread, (conversation_id, sender_id), read)
+        event = _delivery(message, conversation, sender)
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
-        # The same client_id raced in from another tab or retry: return the winner.
-        existing = _existing(sender.id, conversation.id, client_id) if client_id else None
+        # The same client_id was sent before (a retry, another tab): return the message made then.
+        existing = _existing(sender_id, conversation_id, client_id) if client_id else None
         if existing is None:
             raise
         return existing, False
@@ -113,7 +144,7 @@ def send_message(sender: User, conversation: Conversation, body: str | None, ima
         raise
     from ..realtime import bus
 
-    bus.message_created(conversation_id, message_id)
+    bus.publish(event)
     return message, True
 
 

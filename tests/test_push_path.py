@@ -1,0 +1,142 @@
+"""The push path in one process: what a published message event costs a listener, and what it sends."""
+import json
+import time
+
+import pytest
+from sqlalchemy import create_engine, text
+
+import webchat
+from tests.conftest import make_user
+from webchat.extensions import db, redis_store
+from webchat.models import Membership, User
+from webchat.realtime.bus import CHANNEL
+from webchat.realtime.hub import Client, Hub
+from webchat.services import conversations as convs
+from webchat.services import messages as msgs
+
+
+class FakeSocket:
+    """Stands in for the browser end of a socket (not for Redis or the database)."""
+
+    def __init__(self):
+        self.frames = []
+        self.connected = True
+
+    def send(self, data):
+        self.frames.append(data)
+
+    def close(self, **_kw):
+        self.connected = False
+
+
+def attach(hub, user_id, locale="en"):
+    client = Client(FakeSocket(), user_id, None, locale)
+    client.start_live()
+    hub.clients[user_id].add(client)
+    return client
+
+
+def published(pubsub, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        item = pubsub.get_message(timeout=0.2)
+        if item and item["type"] == "message":
+            return item["data"]
+    raise AssertionError("nothing was published")
+
+
+@pytest.fixture
+def direct(app, ctx):
+    alice, bob, carol = make_user("alice", name="Alice"), make_user("bob", name="Bob"), make_user("carol")
+    conversation = convs.find_or_create_direct(alice, bob)
+    msgs.send_message(bob, conversation, "unread before")
+    return {"alice": alice.id, "bob": bob.id, "carol": carol.id, "cid": conversation.id, "bob_user": bob,
+            "conversation": conversation}
+
+
+def test_a_message_event_costs_one_query_and_none_where_no_member_is(app, direct, count_queries):
+    pubsub = redis_store.client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(CHANNEL)
+    time.sleep(0.1)
+    message, _created = msgs.send_message(direct["bob_user"], direct["conversation"], "hello <b>there</b>")
+    raw = published(pubsub)
+    pubsub.close()
+    event = json.loads(raw)
+    assert (event["cid"], event["mid"], sorted(event["members"])) == (
+        direct["cid"], message.id, sorted([direct["alice"], direct["bob"]]))
+
+    elsewhere = Hub()
+    elsewhere.init_app(app)
+    stranger = attach(elsewhere, direct["carol"])
+    counter = count_queries()
+    with counter:
+        assert elsewhere._plan_safely(raw) == []
+    assert counter.count == 0 and stranger.ws.frames == []
+
+    hub = Hub()
+    hub.init_app(app)
+    alice_tabs = [attach(hub, direct["alice"]), attach(hub, direct["alice"], "zh")]
+    bob_tab = attach(hub, direct["bob"])
+    counter = count_queries()
+    with counter:
+        actions = hub._plan_safely(raw)
+    assert counter.count == 1, counter.statements
+    for action in actions:
+        action()
+    cid, mid = direct["cid"], message.id
+    for tab in alice_tabs + [bob_tab]:
+        assert len(tab.ws.frames) == 1
+        frame = tab.ws.frames[0]
+        assert f'id="message-{mid}"' in frame and f"#messages-{cid}" in frame
+        assert "hello &lt;b&gt;there&lt;/b&gt;" in frame and "<b>there" not in frame
+        assert f'id="conversation-{cid}"' in frame and f'data-last-mid="{mid}"' in frame
+    # Each side's row names the other person and carries its own exact badge.
+    alice_frame, bob_frame = alice_tabs[0].ws.frames[0], bob_tab.ws.frames[0]
+    assert '<span class="conv-name">Bob</span>' in alice_frame
+    assert '<span class="conv-name">Alice</span>' in bob_frame
+    assert f'id="unread-{cid}" class="badge" >2<' in alice_frame
+    assert f'id="unread-{cid}" class="badge" hidden>' in bob_frame
+    # The same message is not sent to a socket twice (a replay racing the live push).
+    for action in hub._plan_safely(raw):
+        action()
+    assert len(alice_tabs[0].ws.frames) == 1
+
+
+def test_a_hidden_conversation_comes_back_with_the_pushed_message(app, direct):
+    alice = db.session.get(User, direct["alice"])
+    conversation = direct["conversation"]
+    convs.hide(alice, conversation, db.session.get(Membership, (direct["cid"], direct["alice"])))
+    pubsub = redis_store.client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(CHANNEL)
+    time.sleep(0.1)
+    msgs.send_message(direct["bob_user"], conversation, "are you there?")
+    raw = published(pubsub)
+    pubsub.close()
+    hub = Hub()
+    hub.init_app(app)
+    tab = attach(hub, direct["alice"])
+    for action in hub._plan_safely(raw):
+        action()
+    assert f'id="conversation-{direct["cid"]}"' in tab.ws.frames[0]
+    assert f'id="unread-{direct["cid"]}" class="badge" >2<' in tab.ws.frames[0]
+
+
+def test_an_idle_connection_the_database_dropped_is_replaced_on_checkout(app, monkeypatch):
+    url = app.config["SQLALCHEMY_DATABASE_URI"]
+    if not url.startswith("postgresql"):
+        pytest.skip("SQLite connections are files: nothing can drop them")
+    engine = create_engine(url, pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            pid = conn.execute(text("select pg_backend_pid()")).scalar()
+        killer = create_engine(url)  # its own pool
+        with killer.connect() as conn:
+            conn.execute(text("select pg_terminate_backend(:pid)"), {"pid": pid})
+        killer.dispose()
+        time.sleep(0.2)
+        monkeypatch.setattr(webchat, "PING_AFTER_IDLE", 0.0)
+        with engine.connect() as conn:
+            assert conn.execute(text("select 1")).scalar() == 1
+            assert conn.execute(text("select pg_backend_pid()")).scalar() != pid
+    finally:
+        engine.dispose()
