@@ -536,7 +536,10 @@ def member_states(cid: int, user_ids) -> dict[int, tuple[int | None, int]]:
 
     The push path's only query: `user_ids` are the members a process holds sockets for.
     """
-    rows = db.session.execute(_MEMBER_STATES, {"cid": cid, "uids": list(user_ids)}).all()
+    # One statement outside any transaction: no BEGIN and ROLLBACK round trips around it.
+    with db.engine.connect() as conn:
+        rows = conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+            _MEMBER_STATES, {"cid": cid, "uids": list(user_ids)}).all()
     return {uid: (hidden, count) for uid, hidden, count in rows}
 
 
