@@ -10,7 +10,6 @@ from flask_babel import gettext as _
 from flask_login import current_user
 
 from ..extensions import db, sock
-from ..models import User
 from ..services import MAX_ID, DomainError
 from ..services import accounts
 from ..services import conversations as convs
@@ -55,28 +54,29 @@ def handle_frame(client: Client, raw) -> str | None:
     if not isinstance(frame, dict):
         return _error_frame(_("Frames must be JSON objects."))
     kind = frame.get("type")
+    if kind == "ping":
+        return None
+    if kind not in ("message", "join", "typing"):
+        return _error_frame(_("Unknown frame type."), "unknown_type")
+    if kind == "join" and frame.get("conversation_id") in (None, ""):
+        client.joined = None
+        return None
     try:
-        user = db.session.get(User, client.user_id)
-        if user is None or user.is_disabled:
+        # The member's user comes with the membership check: one query, and a disabled
+        # account is caught here even if the event that closes its sockets was lost.
+        conversation, membership = convs.get_conversation_for(client.user_id, frame.get("conversation_id"),
+                                                              with_user=True)
+        user = membership.user
+        if user.is_disabled:
             client.close(1008, "account closed")
             return None
         if kind == "message":
-            conversation, _m = convs.get_conversation_for(user.id, frame.get("conversation_id"))
             msgs.send_message(user, conversation, frame.get("body"), None, frame.get("client_id"))
         elif kind == "join":
-            if frame.get("conversation_id") in (None, ""):
-                client.joined = None
-                return None
-            conversation, _m = convs.get_conversation_for(user.id, frame.get("conversation_id"))
             client.joined = conversation.id
             convs.mark_read(user.id, conversation)
-        elif kind == "typing":
-            conversation, _m = convs.get_conversation_for(user.id, frame.get("conversation_id"))
-            bus.typing(conversation.id, user.id, user.name)
-        elif kind == "ping":
-            return None
         else:
-            return _error_frame(_("Unknown frame type."), "unknown_type")
+            bus.typing(conversation.id, user.id, user.name)
     except DomainError as exc:
         return _error_frame(exc.message, "not_found" if exc.status == 404 else "invalid")
     except Exception:  # a frame must never take the socket down

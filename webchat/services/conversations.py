@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from flask_babel import lazy_gettext as _l
 from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import joinedload
 
 from ..extensions import db
 from ..models import Conversation, Image, Membership, Message, Unread, User, utcnow
@@ -18,14 +19,21 @@ MAX_GROUP_OTHERS = 200
 MIN_GROUP_OTHERS = 2
 
 
-def get_conversation_for(user_id: int, cid) -> tuple[Conversation, Membership]:
-    """Return the conversation and the user's membership, or raise NotFound for non-members."""
+def get_conversation_for(user_id: int, cid, *, with_user: bool = False) -> tuple[Conversation, Membership]:
+    """Return the conversation and the user's membership, or raise NotFound for non-members.
+
+    `with_user` loads the member's user in the same query (membership.user), for callers
+    that have no user loaded yet, such as a socket's frames.
+    """
     cid = parse_id(cid, _l("No such conversation."))
-    row = db.session.execute(
+    query = (
         select(Conversation, Membership)
         .join(Membership, Membership.conversation_id == Conversation.id)
         .where(Conversation.id == cid, Membership.user_id == user_id)
-    ).first()
+    )
+    if with_user:
+        query = query.options(joinedload(Membership.user, innerjoin=True))
+    row = db.session.execute(query).first()
     if row is None:
         # Same answer whether it does not exist or the user is not in it.
         raise NotFound(_l("No such conversation."))
