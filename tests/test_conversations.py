@@ -357,4 +357,6 @@ def test_member_states_are_one_query_with_exact_unread_and_hiding(app, people, c
         states = convs.member_states(group.id, [alice.id, bob.id, carol.id, people["dave"].id])
     assert counter.count == 1
     hidden_through = group.last_message_id
-    assert states == {alice.id: (None, 0), bob.id: (None, 3), carol.id: (hidden_through, 3)}
+    assert {uid: (s.hidden_through, s.unread) for uid, s in states.items()} == {
+        alice.id: (None, 0), bob.id: (None, 3), carol.id: (hidden_through, 3)}
+    assert states[bob.id].name == bob.name and states[bob.id].avatar_id == bob.avatar_id

@@ -372,17 +372,20 @@ class Hub:
             id=cid, is_group=c["is_group"], name=c["name"], image_id=c["image_id"],
             created_at=datetime.fromisoformat(c["created_at"]), last_message_id=mid, last_message_at=created_at,
             last_message_text=c["text"], last_message_image=c["image"])
-        people = {int(uid): SimpleNamespace(id=int(uid), name=name, avatar_id=avatar)
-                  for uid, (name, avatar) in (event.get("people") or {}).items()}
-        states = member_states(cid, local)
+        # A 1:1 asks for both members, local or not: each one's row shows the other person.
+        states = member_states(cid, local if conversation.is_group else event["members"])
+        people = {uid: SimpleNamespace(id=uid, name=state.name, avatar_id=state.avatar_id)
+                  for uid, state in states.items()}
+        unread = {uid: states[uid].unread for uid in local if uid in states}
         # A socket viewing this conversation reads arriving messages at once.
-        for uid in states:
+        for uid in unread:
             if uid != message.sender_id and any(cl.joined == cid for cl in self.clients_of(uid)):
                 if mark_read(uid, db.session.get(Conversation, cid), upto=mid, notify=True):
-                    states[uid] = (states[uid][0], 0)
+                    unread[uid] = 0
         message_html: dict[str, str] = {}
-        for uid, (hidden_through, unread) in states.items():
+        for uid, count in unread.items():
             row = None
+            hidden_through = states[uid].hidden_through
             if hidden_through is None or hidden_through < mid:
                 if conversation.is_group:
                     title, image_id, peer = conversation.name or "", conversation.image_id, None
@@ -390,7 +393,7 @@ class Hub:
                     peer = next((p for pid, p in people.items() if pid != uid), None)
                     title = peer.name if peer else str(_l("Deleted user"))
                     image_id = peer.avatar_id if peer else None
-                row = ConversationRow(conversation, title, image_id, peer, unread)
+                row = ConversationRow(conversation, title, image_id, peer, count)
             row_html: dict[str, str] = {}
             for client in self.clients_of(uid):
                 locale = client.locale

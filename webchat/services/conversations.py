@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 from datetime import datetime, timedelta, timezone
 
 from flask_babel import lazy_gettext as _l
@@ -518,6 +519,13 @@ def rows_for_members(cid: int, user_ids, known_text_id: int | None = None) -> di
     return rows
 
 
+class MemberState(NamedTuple):
+    hidden_through: int | None
+    unread: int
+    name: str
+    avatar_id: str | None
+
+
 def _member_states_statement():
     unread = (
         select(func.count(Message.id))
@@ -526,9 +534,10 @@ def _member_states_statement():
         .correlate(Unread).scalar_subquery()
     )
     return (
-        select(Membership.user_id, Membership.hidden_through, unread)
+        select(Membership.user_id, Membership.hidden_through, unread, User.name, User.avatar_id)
         .join(Unread, and_(Unread.conversation_id == Membership.conversation_id,
                            Unread.user_id == Membership.user_id))
+        .join(User, User.id == Membership.user_id)
         .where(Membership.conversation_id == bindparam("cid"),
                Membership.user_id.in_(bindparam("uids", expanding=True)))
     )
@@ -539,16 +548,17 @@ def _member_states_statement():
 _MEMBER_STATES = _member_states_statement()
 
 
-def member_states(cid: int, user_ids) -> dict[int, tuple[int | None, int]]:
-    """Return (hidden_through, exact unread count) for these members of a conversation, in one query.
+def member_states(cid: int, user_ids) -> dict[int, MemberState]:
+    """Return the hidden state, exact unread count, name and avatar of these members, in one query.
 
-    The push path's only query: `user_ids` are the members a process holds sockets for.
+    The push path's only query: `user_ids` are the members a process holds sockets for (both
+    members of a 1:1, whose rows show each other).
     """
     # One statement outside any transaction: no BEGIN and ROLLBACK round trips around it.
     with db.engine.connect() as conn:
         rows = conn.execution_options(isolation_level="AUTOCOMMIT").execute(
-            _MEMBER_STATES, {"cid": cid, "uids": list(user_ids)}).all()
-    return {uid: (hidden, count) for uid, hidden, count in rows}
+            _MEMBER_STATES, {"cid": cid, "uids": [int(u) for u in user_ids]}).all()
+    return {uid: MemberState(*state) for uid, *state in rows}
 
 
 def members_of(conversation_id: int) -> list[tuple[Membership, User]]:

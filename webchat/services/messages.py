@@ -67,31 +67,24 @@ def _existing(sender_id: int, conversation_id: int, client_id: str) -> Message |
 
 
 def _delivery(message: Message, conversation: Conversation, sender: User) -> dict:
-    """Return what every process needs to push a new message without reading it back (one query here).
+    """Return what every process needs to push a new message without reading it back.
 
     The message's fields, the conversation's list-row fields and its member ids travel in the
-    event, so a listener touches the database only for its own members' unread counts, and a
-    process holding none of the members does nothing at all. A 1:1 also carries both people,
-    since each one's row shows the other.
+    event, so a listener touches the database only for its own members' badges, and a process
+    holding none of the members does nothing at all. A 1:1's members are in its key; a group's
+    cost one query here.
     """
-    if conversation.is_group:
+    members = conversation.direct_member_ids
+    if conversation.is_group or not members:
         members = list(db.session.scalars(
             select(Membership.user_id).where(Membership.conversation_id == conversation.id)))
-        people = {}
-    else:
-        rows = db.session.execute(
-            select(User.id, User.name, User.avatar_id).join(Membership, Membership.user_id == User.id)
-            .where(Membership.conversation_id == conversation.id)).all()
-        members = [uid for uid, _name, _avatar in rows]
-        people = {str(uid): [name, avatar] for uid, name, avatar in rows}
     return {
-        "type": "message", "cid": conversation.id, "mid": message.id,
+        "type": "message", "cid": conversation.id, "mid": message.id, "members": members,
         "m": {"sender_id": sender.id, "sender_name": sender.name, "sender_avatar": sender.avatar_id,
               "body": message.body, "image_id": message.image_id, "created_at": message.created_at.isoformat()},
         "c": {"is_group": conversation.is_group, "name": conversation.name, "image_id": conversation.image_id,
               "created_at": conversation.created_at.isoformat(), "text": preview_of(message),
               "image": bool(message.image_id) and not message.body},
-        "members": members, "people": people,
     }
 
 
