@@ -299,7 +299,10 @@ def _register_request_hooks(app: Flask) -> None:
     def template_helpers():
         from flask_babel import get_locale
 
-        return {"is_htmx": is_htmx(), "system_text": system_text, "current_locale": str(get_locale())}
+        return {"is_htmx": is_htmx(), "current_locale": str(get_locale())}
+
+    # A global, not a context value: the macros in chat/_macros.html are imported without context.
+    app.jinja_env.globals["system_text"] = system_text
 
     @app.after_request
     def security_headers(response):
