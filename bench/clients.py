@@ -173,8 +173,9 @@ class WebchatTarget(Target):
 class RelayTarget(Target):
     name = "relay"
 
-    def __init__(self, base_url: str, users: list[BenchUser]) -> None:
+    def __init__(self, base_url: str, users: list[BenchUser], name: str = "relay") -> None:
         super().__init__(base_url)
+        self.name = name  # "relay", or "relay-db" when the relay writes each message first
         self.keys = {u.index: u.username for u in users}
 
     def _to(self, conv: Conv) -> str:
@@ -184,7 +185,8 @@ class RelayTarget(Target):
         return f"{self.ws_base}/ws?key={user.username}", {}
 
     async def send_http(self, user: BenchUser, conv: Conv, text: str, client_id: str) -> str | None:
-        reply = await self.http[user.index].post("/send", data={"to": self._to(conv), "text": text})
+        reply = await self.http[user.index].post("/send", data={"to": self._to(conv), "text": text,
+                                                                "from": user.username})
         return None if reply.status_code == 204 else f"send HTTP {reply.status_code}"
 
     def ws_frame(self, conv: Conv, text: str, client_id: str) -> str:

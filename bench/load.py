@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from . import servers
@@ -46,7 +47,9 @@ def add_world_args(parser) -> None:
     parser.add_argument("--http-fraction", type=float, default=0.5,
                         help="share of messages sent over HTTP, the rest over WebSocket (default 0.5)")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn processes (WEB_CONCURRENCY, default 2)")
-    parser.add_argument("--target", choices=["webchat", "relay", "both"], default="webchat")
+    parser.add_argument("--target", choices=["webchat", "relay", "relay-db", "both", "all"], default="webchat",
+                        help="relay-db: the relay writing each message to PostgreSQL first; "
+                             "both: webchat and relay; all: webchat, relay-db and relay")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--redis-url", help="use this Redis instead of a private redis-server")
     parser.add_argument("--keep-db", action="store_true", help="keep the scratch database")
@@ -294,13 +297,15 @@ def _run_target(name: str, args, runner) -> dict:
     plan = plan_from(args)
     port = servers.free_port()
     with servers.redis_for(args) as redis_url:
-        if name == "relay":
+        if name in ("relay", "relay-db"):
             world = relay_world(plan.users, plan.directs_per_user, plan.groups, plan.group_size)
-            server = servers.start_relay(redis_url if args.workers > 1 else None, port, args.workers)
-            with servers.stopping(server):
-                run = Run(RelayTarget(server.url, world.users), world, plan, server.pid)
-                busy = settle(args)
-                return dict(asyncio.run(runner(run)), machine_busy_before=busy)
+            with servers.scratch_database("webchat_bench_relay", redis_url, keep=args.keep_db) \
+                    if name == "relay-db" else nullcontext() as db_url:
+                server = servers.start_relay(redis_url if args.workers > 1 else None, port, args.workers, db_url)
+                with servers.stopping(server):
+                    run = Run(RelayTarget(server.url, world.users, name), world, plan, server.pid)
+                    busy = settle(args)
+                    return dict(asyncio.run(runner(run)), machine_busy_before=busy)
         with servers.scratch_database("webchat_bench", redis_url, keep=args.keep_db) as db_url:
             world = webchat_world(make_app(db_url, redis_url), plan.users, plan.directs_per_user, plan.groups,
                                   plan.group_size)
@@ -313,7 +318,7 @@ def _run_target(name: str, args, runner) -> dict:
 
 
 def targets(args) -> list[str]:
-    return ["webchat", "relay"] if args.target == "both" else [args.target]
+    return {"both": ["webchat", "relay"], "all": ["webchat", "relay-db", "relay"]}.get(args.target, [args.target])
 
 
 def run_load(args) -> dict:
@@ -334,8 +339,11 @@ def run_saturate(args) -> dict:
 
 
 def _print_ratio(results: dict, key: str) -> None:
-    if "webchat" in results and "relay" in results and results["relay"][key]:
-        ratio = results["webchat"][key] / results["relay"][key]
-        results["ratio"] = ratio
-        print(f"\n== webchat / relay ({key}): {results['webchat'][key]:.1f} / {results['relay'][key]:.1f} "
-              f"= {ratio:.0%} ==")
+    if "relay" not in results or not results["relay"][key]:
+        return
+    for name in ("webchat", "relay-db"):
+        if name in results:
+            ratio = results[name][key] / results["relay"][key]
+            results["ratio" if name == "webchat" else "ratio_relay_db"] = ratio
+            print(f"\n== {name} / relay ({key}): {results[name][key]:.1f} / {results['relay'][key]:.1f} "
+                  f"= {ratio:.0%} ==")

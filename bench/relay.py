@@ -11,6 +11,10 @@ gunicorn's gevent worker with webchat's own gunicorn config). Run it like the ap
   socket does the same, so HTTP and WebSocket sends can be compared with webchat's.
 - With RELAY_REDIS_URL set, a send is published on Redis and every process's listener delivers
   to its own sockets (as webchat's hub does); without it, delivery stays in this process.
+- With RELAY_DATABASE_URL set (the `relay-db` target), every send is first written to
+  PostgreSQL: one INSERT and COMMIT through SQLAlchemy Core and psycopg, with webchat's pool
+  settings. Still no auth, no membership check, no unread counts, no templates: it is the
+  ceiling of a chat that keeps its messages, on this stack.
 """
 from __future__ import annotations
 
@@ -33,6 +37,40 @@ _locks: dict[int, threading.Lock] = {}
 _registry_lock = threading.Lock()
 _listener_started = False
 _redis = None
+DATABASE_URL = os.environ.get("RELAY_DATABASE_URL")
+_engine = None
+_insert = None
+
+
+def _persist(sender: str, to: str, text: str) -> None:
+    """Keep the message (relay-db only): the one durable write any chat needs per message."""
+    global _engine, _insert
+    if not DATABASE_URL:
+        return
+    with _registry_lock:  # one engine (one pool) per process, however many sends arrive first
+        if _engine is None:
+            _engine, _insert = _make_engine()
+    with _engine.begin() as conn:
+        conn.execute(_insert, {"sender": sender, "recipients": to, "body": text})
+
+
+def _make_engine():
+    """Return an engine with webchat's pool settings and the insert statement (creating the table)."""
+    from sqlalchemy import BigInteger, Column, DateTime, MetaData, Table, Text, create_engine, func, inspect
+
+    url = DATABASE_URL.replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = create_engine(url, pool_size=20, max_overflow=10)
+    table = Table("relay_messages", MetaData(),
+                  Column("id", BigInteger, primary_key=True, autoincrement=True),
+                  Column("sender", Text), Column("recipients", Text), Column("body", Text, nullable=False),
+                  Column("created_at", DateTime(timezone=True), server_default=func.now(), nullable=False))
+    try:
+        table.create(engine, checkfirst=True)
+    except Exception:  # the other worker created it at the same moment
+        engine.dispose()
+        if not inspect(engine).has_table("relay_messages"):
+            raise
+    return engine, table.insert()
 
 
 def _deliver(to: str, text: str) -> None:
@@ -78,9 +116,10 @@ def _ensure_listener() -> None:
     threading.Thread(target=_listen, daemon=True).start()
 
 
-def relay(to: str, text: str) -> None:
+def relay(to: str, text: str, sender: str = "") -> None:
     """Publish to every process when there are several, else deliver here."""
     _ensure_listener()
+    _persist(sender, to, text)
     if _redis is not None:
         _redis.publish(CHANNEL, json.dumps({"to": to, "text": text}))
     else:
@@ -97,7 +136,7 @@ def healthz():
 @app.post("/send")
 def send():
     """Relay a posted text to the sockets of the `to` keys."""
-    relay(request.form.get("to", ""), request.form["text"])
+    relay(request.form.get("to", ""), request.form["text"], request.form.get("from", ""))
     return "", 204
 
 
@@ -115,7 +154,7 @@ def ws(socket):
             if raw is None:
                 continue
             frame = json.loads(raw)
-            relay(frame.get("to", ""), frame["text"])
+            relay(frame.get("to", ""), frame["text"], key)
     finally:
         with _registry_lock:
             _sockets[key].discard(socket)

@@ -197,11 +197,14 @@ def start_webchat(database_url: str, redis_url: str, port: int, workers: int, **
                           "/healthz")
 
 
-def start_relay(redis_url: str | None, port: int, workers: int) -> Server:
+def start_relay(redis_url: str | None, port: int, workers: int, database_url: str | None = None) -> Server:
     env = dict(os.environ)
     env.pop("RELAY_REDIS_URL", None)
+    env.pop("RELAY_DATABASE_URL", None)
     if redis_url:
         env["RELAY_REDIS_URL"] = redis_url
+    if database_url:
+        env["RELAY_DATABASE_URL"] = database_url
     return start_gunicorn("relay", "bench.relay:app", env, port, workers, "/healthz")
 
 
