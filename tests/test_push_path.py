@@ -1,5 +1,6 @@
 """The push path in one process: what a published message event costs a listener, and what it sends."""
 import json
+import re
 import time
 
 import pytest
@@ -140,3 +141,31 @@ def test_an_idle_connection_the_database_dropped_is_replaced_on_checkout(app, mo
             assert conn.execute(text("select pg_backend_pid()")).scalar() != pid
     finally:
         engine.dispose()
+
+
+def test_group_members_each_get_their_own_badge(app, ctx, count_queries):
+    alice, bob, carol, dave = (make_user(n) for n in ("alice", "bob", "carol", "dave"))
+    group = convs.create_group(alice, "Team", [bob.id, carol.id, dave.id])
+    msgs.send_message(alice, group, "before carol reads")
+    convs.mark_read(carol.id, group)
+    pubsub = redis_store.client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(CHANNEL)
+    time.sleep(0.1)
+    message, _created = msgs.send_message(alice, group, "to the team")
+    raw = published(pubsub)
+    pubsub.close()
+    hub = Hub()
+    hub.init_app(app)
+    tabs = {u.id: [attach(hub, u.id), attach(hub, u.id)] for u in (alice, bob, carol)}  # dave is elsewhere
+    counter = count_queries()
+    with counter:
+        actions = hub._plan_safely(raw)
+    assert counter.count == 1
+    for action in actions:
+        action()
+    badges = {}
+    for uid, pair in tabs.items():
+        assert [len(t.ws.frames) for t in pair] == [1, 1] and pair[0].ws.frames == pair[1].ws.frames
+        assert f'id="message-{message.id}"' in pair[0].ws.frames[0]
+        badges[uid] = re.search(rf'id="unread-{group.id}" class="badge" (hidden)?>(\d*)<', pair[0].ws.frames[0]).group(2)
+    assert badges == {alice.id: "", bob.id: "2", carol.id: "1"}

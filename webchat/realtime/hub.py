@@ -358,7 +358,7 @@ class Hub:
 
     def plan_delivery(self, out: list, event: dict) -> None:
         """Push a new message from the fields its event carries: one query, for the local members' badges."""
-        from ..services.conversations import ConversationRow, mark_read, member_states
+        from ..services.conversations import mark_read, member_states
 
         local = self._local_members(event)
         if not local:
@@ -382,29 +382,30 @@ class Hub:
             if uid != message.sender_id and any(cl.joined == cid for cl in self.clients_of(uid)):
                 if mark_read(uid, db.session.get(Conversation, cid), upto=mid, notify=True):
                     unread[uid] = 0
-        message_html: dict[str, str] = {}
+        # Members whose rows look the same (a group's members with equal badges) share one
+        # rendering: a frame is rendered once per distinct (row, locale), not once per member.
+        frames: dict[tuple, str] = {}
         for uid, count in unread.items():
-            row = None
             hidden_through = states[uid].hidden_through
-            if hidden_through is None or hidden_through < mid:
-                if conversation.is_group:
-                    title, image_id, peer = conversation.name or "", conversation.image_id, None
-                else:
-                    peer = next((p for pid, p in people.items() if pid != uid), None)
-                    title = peer.name if peer else str(_l("Deleted user"))
-                    image_id = peer.avatar_id if peer else None
-                row = ConversationRow(conversation, title, image_id, peer, count)
-            row_html: dict[str, str] = {}
+            visible = hidden_through is None or hidden_through < mid
+            peer = None if conversation.is_group else next((p for pid, p in people.items() if pid != uid), None)
             for client in self.clients_of(uid):
-                locale = client.locale
-                if locale not in message_html:
-                    with force_locale(locale):
-                        message_html[locale] = render_template("realtime/_message_frame.html", message=message,
-                                                               row=None)
-                if locale not in row_html:
-                    row_html[locale] = "" if row is None else self._render(client, "realtime/_row_frame.html",
-                                                                            row=row)
-                out.append(partial(client.send, message_html[locale] + row_html[locale], mid=mid))
+                key = (visible, peer.id if peer else None, count, client.locale)
+                if key not in frames:
+                    with force_locale(client.locale):
+                        frames[key] = render_template(
+                            "realtime/_message_frame.html", message=message,
+                            row=self._delivery_row(conversation, peer, count) if visible else None)
+                out.append(partial(client.send, frames[key], mid=mid))
+
+    @staticmethod
+    def _delivery_row(conversation, peer, unread: int):
+        from ..services.conversations import ConversationRow
+
+        if conversation.is_group:
+            return ConversationRow(conversation, conversation.name or "", conversation.image_id, None, unread)
+        title = peer.name if peer else str(_l("Deleted user"))
+        return ConversationRow(conversation, title, peer.avatar_id if peer else None, peer, unread)
 
     def plan_messages(self, out: list, cid: int, mids: list[int]) -> None:
         """Render messages once per locale, with each local member's own row."""
