@@ -1,8 +1,8 @@
 """Publish domain events to every web process through Redis pub/sub (called after commit).
 
 One channel for all events: each process's listener keeps what concerns its own sockets.
-A message is published once per conversation (not once per recipient), so the send path does
-constant work however large the group; the listener resolves membership for its local users.
+A message is published once (not once per recipient), with its fields and member ids, by
+services.messages.send_message; each listener pushes it to its own members' sockets.
 Pub/sub is at-most-once: a lost event is recovered by replay from the database.
 """
 from __future__ import annotations
@@ -38,10 +38,6 @@ def publish(event: dict) -> bool:
             _unsent.append(payload)
             log.warning("publish failed (%s); %d events wait for Redis", exc, len(_unsent))
             return False
-
-
-def message_created(cid: int, mid: int) -> None:
-    publish({"type": "message", "cid": cid, "mid": mid})
 
 
 def conversation_changed(cid: int, user_ids=None, removed_user_ids=None) -> None:

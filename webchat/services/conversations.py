@@ -467,12 +467,12 @@ def conversation_row(user_id: int, cid: int) -> ConversationRow | None:
     return build_rows(user_id, [(pair[0], pair[1])])[0]
 
 
-def rows_for_members(cid: int, user_ids, known_text_id: int | None = None) -> dict[int, ConversationRow | None]:
+def rows_for_members(cid: int, user_ids) -> dict[int, ConversationRow | None]:
     """Return the list row (None when hidden) of each of these users who is a member, in a fixed number of queries.
 
-    The push path calls this once per message for all the members a process holds, so a
-    200-member group costs the same handful of queries as a 1:1. `known_text_id` names a message
-    known to be text (the one being pushed), which spares the look-up of a system last line.
+    The hub calls this for conversation events (renames, members added or removed, reads) for
+    all the members a process holds, so a 200-member group costs the same handful of queries as
+    a 1:1. New messages take the lighter path of member_states.
     """
     wanted = set(user_ids)
     conversation = db.session.get(Conversation, cid)
@@ -498,8 +498,7 @@ def rows_for_members(cid: int, user_ids, known_text_id: int | None = None) -> di
         people = {u.id: u for u in db.session.scalars(select(User).join(
             Membership, Membership.user_id == User.id).where(Membership.conversation_id == cid))}
     system = _system_last_messages([conversation.last_message_id] if conversation.is_group
-                                   and conversation.last_message_id and known_text_id != conversation.last_message_id
-                                   else [])
+                                   and conversation.last_message_id else [])
     rows: dict[int, ConversationRow | None] = {}
     for uid in user_ids:
         membership = memberships.get(uid)
