@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import NamedTuple
 from datetime import datetime, timedelta, timezone
+from typing import NamedTuple
 
 from flask_babel import lazy_gettext as _l
 from sqlalchemy import and_, bindparam, delete, func, or_, select, update
