@@ -193,3 +193,30 @@ def test_live_across_two_processes_and_catch_up_after_a_crash(app, browser):
             context.close()
         a.stop()
         b.stop()
+
+
+def test_the_list_loads_more_rows_when_scrolled(app, page_factory):
+    from webchat.extensions import db
+    from webchat.models import User
+    from webchat.services import conversations as convs
+    from webchat.services import messages as msgs
+
+    with app.test_request_context():
+        reader = make_user("reader")
+        for i in range(convs.LIST_PAGE + 5):
+            other = make_user(f"friend{i:03d}")
+            msgs.send_message(db.session.get(User, other.id), convs.find_or_create_direct(reader, other), f"hello {i}")
+    page = page_factory()
+    sign_in(page, "reader")
+    rows = page.locator("#conversation-list .conv-row")
+    # On connect the server replays the last 30 s (all of these messages) with their rows: the
+    # page keeps the server's order and shows each conversation once.
+    expect(rows.first).to_contain_text("hello 54")
+    page.locator("#conversation-list-more").scroll_into_view_if_needed()
+    expect(page.locator("#conversation-list-more")).to_have_count(0)
+    expect(rows).to_have_count(convs.LIST_PAGE + 5)
+
+    def order():
+        return [int(t.split("hello ")[-1].split()[0]) for t in rows.all_inner_texts()]
+
+    assert order() == list(range(convs.LIST_PAGE + 4, -1, -1))

@@ -81,7 +81,36 @@
     });
   });
 
+  // Keep the list in the server's order (last activity, then id, newest first) and each
+  // conversation once: pushed and replayed rows arrive at the top in arrival order, and a
+  // later page of the list may hold a row that was pushed meanwhile.
+  function orderRows() {
+    var list = document.getElementById("conversation-list");
+    if (!list) return;
+    var rows = Array.prototype.slice.call(list.querySelectorAll(":scope > .conv-row"));
+    var seen = {};
+    rows = rows.filter(function (r) {
+      if (seen[r.id]) { r.remove(); return false; }
+      seen[r.id] = true;
+      return true;
+    });
+    function key(r) {
+      return [parseInt(r.getAttribute("data-sort") || "0", 10), parseInt(r.getAttribute("data-cid") || "0", 10)];
+    }
+    var sorted = rows.slice().sort(function (a, b) {
+      var ka = key(a), kb = key(b);
+      return (kb[0] - ka[0]) || (kb[1] - ka[1]);
+    });
+    if (sorted.some(function (r, i) { return r !== rows[i]; })) {
+      var more = document.getElementById("conversation-list-more");
+      sorted.forEach(function (r) { list.insertBefore(r, more); });
+    }
+  }
+
+  document.addEventListener("htmx:afterSwap", function () { orderRows(); updateTitle(); });
+
   document.addEventListener("htmx:oobAfterSwap", function (evt) {
+    orderRows();
     formatTimes(evt.detail.target);
     markActive();
     updateTitle();

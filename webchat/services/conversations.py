@@ -333,6 +333,11 @@ class ConversationRow:
     def sort_time(self) -> datetime:
         return self.conversation.last_message_at or self.conversation.created_at
 
+    @property
+    def sort_key(self) -> int:
+        """Return the list's sort time in microseconds (rows carry it so the page can keep the order)."""
+        return (self.sort_time - _EPOCH) // timedelta(microseconds=1)
+
 
 def unread_counts(user_id: int, conversation_ids=None) -> dict[int, int]:
     """Return exact unread counts by conversation for a user (messages from others past the pointer)."""
@@ -395,7 +400,7 @@ _CURSOR = re.compile(r"(\d{1,18})-(\d{1,19})")
 
 def list_cursor(row: ConversationRow) -> str:
     """Return the 'before' value that continues the list after this row (its sort key)."""
-    return f"{(row.sort_time - _EPOCH) // timedelta(microseconds=1)}-{row.id}"
+    return f"{row.sort_key}-{row.id}"
 
 
 def _parse_cursor(before: str) -> tuple[datetime, int]:
