@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 run: install
 	$(BIN)/flask --app wsgi db upgrade
-	@set -m; trap 'kill 0' INT TERM EXIT; \
+	@set -m; trap 'trap "" TERM; trap - INT EXIT; kill 0; exit 0' INT TERM EXIT; \
 	PATH="$(CURDIR)/$(BIN):$$PATH"; \
 	sh -c 'while :; do rq worker -c webchat.jobs.settings; sleep 5; done' & \
 	sh -c 'while :; do rq cron -c webchat.jobs.settings webchat.jobs.cron; sleep 5; done' & \
