@@ -38,12 +38,13 @@ def attach(hub, user_id, locale="en"):
 
 
 def published(pubsub, timeout=5.0):
+    """Return the first message event published on the real channel (other events are skipped)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         item = pubsub.get_message(timeout=0.2)
-        if item and item["type"] == "message":
+        if item and item["type"] == "message" and json.loads(item["data"]).get("type") == "message":
             return item["data"]
-    raise AssertionError("nothing was published")
+    raise AssertionError("no message event was published")
 
 
 @pytest.fixture
