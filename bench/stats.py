@@ -72,8 +72,27 @@ class Sample:
     rss: int
 
 
+class _Background:
+    """A sampler that runs `_run` in a daemon thread between start() and stop()."""
+
+    def _init_thread(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 @dataclass
-class TreeSampler:
+class TreeSampler(_Background):
     """Sample CPU% and RSS of one or more process trees in a background thread."""
 
     pids: dict[str, int]
@@ -81,11 +100,10 @@ class TreeSampler:
     samples: dict[str, list[Sample]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._stop = threading.Event()
+        self._init_thread()
         self._procs: dict[str, dict[int, psutil.Process]] = {name: {} for name in self.pids}
         self._ticks: dict[str, int] = {}
         self.samples = {name: [] for name in self.pids}
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _refresh(self, name: str, pid: int) -> list[psutil.Process]:
         known = self._procs[name]
@@ -133,14 +151,6 @@ class TreeSampler:
                         pass
                 self.samples[name].append(Sample(now, cpu, rss))
 
-    def start(self) -> "TreeSampler":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
     def summary(self, name: str, since: float | None = None, until: float | None = None) -> dict:
         """Return mean and max CPU% and the max RSS (MB) of one tree over a time window."""
         rows = [s for s in self.samples.get(name, [])
@@ -175,7 +185,7 @@ def wait_for_quiet(threshold: float, max_wait: float) -> float:
     return busy
 
 
-class PgActivitySampler:
+class PgActivitySampler(_Background):
     """Count a database's backends by state and wait event, once a second (pg_stat_activity)."""
 
     def __init__(self, admin_url: str, dbname: str, interval: float = 1.0) -> None:
@@ -183,8 +193,7 @@ class PgActivitySampler:
         self.dbname = dbname
         self.interval = interval
         self.samples: list[dict] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._init_thread()
 
     def _run(self) -> None:
         import psycopg
@@ -200,14 +209,6 @@ class PgActivitySampler:
                     "FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() GROUP BY 1, 2",
                     (self.dbname,)).fetchall()
                 self.samples.append({f"{state} {wait}": n for state, wait, n in rows})
-
-    def start(self) -> "PgActivitySampler":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def summary(self) -> dict:
         """Return, per state and wait event, the mean and max number of backends."""

@@ -21,9 +21,12 @@ def test_create_admin_promotes_an_existing_user(app, users):
         assert db.session.get(User, users["bob"]).is_admin
 
 
-def test_create_admin_prompts_for_the_password(app):
+def test_create_admin_prompts_for_the_password(app, client):
     result = app.test_cli_runner().invoke(args=["create-admin", "eve"], input="long-password\nlong-password\n")
     assert result.exit_code == 0, result.output
+    with app.app_context():
+        assert db.session.scalar(select(User.is_admin).where(User.username == "eve")) is True
+    assert client.post("/auth/login", data={"username": "eve", "password": "long-password"}).status_code == 303
 
 
 def test_create_admin_refuses_bad_input(app):

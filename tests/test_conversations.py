@@ -360,3 +360,37 @@ def test_member_states_are_one_query_with_exact_unread_and_hiding(app, people, c
     assert {uid: (s.hidden_through, s.unread) for uid, s in states.items()} == {
         alice.id: (None, 0), bob.id: (None, 3), carol.id: (hidden_through, 3)}
     assert states[bob.id].name == bob.name and states[bob.id].avatar_id == bob.avatar_id
+
+
+def _delete_and_count(app, count_queries, user):
+    from webchat.services import accounts, transaction
+
+    counter = count_queries()
+    with counter, transaction():
+        accounts.delete_user(user)
+    return counter.count
+
+
+def test_deleting_a_user_hands_on_their_groups_in_queries_that_do_not_grow_with_them(app, people, count_queries):
+    alice, bob, carol = people["alice"], people["bob"], people["carol"]
+    handed = convs.create_group(alice, "Handed on", [bob.id, carol.id])
+    alone = convs.create_group(alice, "Alone", [bob.id, carol.id])
+    convs.leave(bob, alone)
+    convs.leave(carol, alone)
+    theirs = convs.create_group(carol, "Theirs", [alice.id, bob.id])
+    msgs.send_message(alice, theirs, "from alice")
+    msgs.send_message(bob, theirs, "from bob")
+    ids = (handed.id, alone.id, theirs.id)
+    few = _delete_and_count(app, count_queries, alice)
+    handed, alone, theirs = (db.session.get(Conversation, cid) for cid in ids)
+    assert alone is None
+    assert handed.owner_id == bob.id  # joined before carol
+    assert db.session.get(Membership, (handed.id, bob.id)).role == "owner"
+    assert theirs.owner_id == carol.id and theirs.last_message_text == "from bob"
+    assert {m.user_id for m in theirs.memberships} == {bob.id, carol.id}
+    # Someone in five times as many groups costs the same number of statements.
+    many_user = make_user("many")
+    for i in range(5):
+        convs.create_group(many_user, f"G{i}", [bob.id, carol.id])
+        convs.create_group(carol, f"H{i}", [many_user.id, bob.id])
+    assert _delete_and_count(app, count_queries, db.session.get(User, many_user.id)) <= few

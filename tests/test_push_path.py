@@ -170,3 +170,41 @@ def test_group_members_each_get_their_own_badge(app, ctx, count_queries):
         assert f'id="message-{message.id}"' in pair[0].ws.frames[0]
         badges[uid] = re.search(rf'id="unread-{group.id}" class="badge" (hidden)?>(\d*)<', pair[0].ws.frames[0]).group(2)
     assert badges == {alice.id: "", bob.id: "2", carol.id: "1"}
+
+
+def test_members_viewing_the_group_read_it_at_once_in_one_statement(app, ctx, count_queries):
+    alice, bob, carol, dave = (make_user(n) for n in ("alice", "bob", "carol", "dave"))
+    group = convs.create_group(alice, "Team", [bob.id, carol.id, dave.id])
+    pubsub = redis_store.client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(CHANNEL)
+    time.sleep(0.1)
+    message, _created = msgs.send_message(alice, group, "look at this")
+    raw = published(pubsub)
+    hub = Hub()
+    hub.init_app(app)
+    viewers = [attach(hub, bob.id), attach(hub, carol.id)]
+    for client in viewers:
+        client.joined = group.id
+    elsewhere = attach(hub, dave.id)  # has the list open, not this conversation
+    counter = count_queries()
+    with counter:
+        actions = hub._plan_safely(raw)
+    # the members' states, then one UPDATE for both viewers (not one per viewer)
+    assert counter.count == 2, counter.statements
+    for action in actions:
+        action()
+    for client in viewers:
+        assert f'id="unread-{group.id}" class="badge" hidden>' in client.ws.frames[0]
+    assert f'id="unread-{group.id}" class="badge" >1<' in elsewhere.ws.frames[0]
+    assert convs.unread_counts(bob.id) == {} and convs.unread_counts(dave.id) == {group.id: 1}
+    # Each reader's other tabs hear of it: one read event per member whose pointer moved.
+    reads = set()
+    deadline = time.monotonic() + 5
+    while len(reads) < 2 and time.monotonic() < deadline:
+        item = pubsub.get_message(timeout=0.2)
+        if item and item["type"] == "message":
+            event = json.loads(item["data"])
+            if event.get("type") == "read":
+                reads.add(event["uid"])
+    pubsub.close()
+    assert reads == {bob.id, carol.id}

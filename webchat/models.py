@@ -126,14 +126,14 @@ class Conversation(db.Model):
     memberships: Mapped[list[Membership]] = relationship(
         back_populates="conversation", cascade="all, delete-orphan", passive_deletes=True
     )
+    owner: Mapped[User | None] = relationship(foreign_keys=[owner_id])
+
+    __table_args__ = (Index("ix_conversations_last_message_at", "last_message_at"),)
 
     @property
     def direct_member_ids(self) -> list[int]:
         """Return the two members of a 1:1, read from its key (no query)."""
         return [int(uid) for uid in (self.direct_key or "").split(":") if uid]
-    owner: Mapped[User | None] = relationship(foreign_keys=[owner_id])
-
-    __table_args__ = (Index("ix_conversations_last_message_at", "last_message_at"),)
 
 
 class Membership(db.Model):

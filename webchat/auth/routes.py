@@ -8,7 +8,6 @@ from flask_babel import gettext as _
 from flask_login import current_user, login_required, login_user, logout_user
 
 from ..extensions import limiter
-from ..realtime import bus
 from ..services import DomainError
 from ..services import accounts
 from . import bp
@@ -80,7 +79,6 @@ def logout():
     session.clear()
     if sid:
         accounts.revoke_session(sid)
-        bus.close_session(sid)
     return redirect(url_for("auth.login"), 303)
 
 

@@ -23,7 +23,7 @@ from flask_babel import lazy_gettext as _l
 from sqlalchemy import select
 
 from ..extensions import db
-from ..models import Conversation, Membership, Message
+from ..models import Membership, Message
 from .bus import CHANNEL
 
 log = logging.getLogger(__name__)
@@ -358,7 +358,7 @@ class Hub:
 
     def plan_delivery(self, out: list, event: dict) -> None:
         """Push a new message from the fields its event carries: one query, for the local members' badges."""
-        from ..services.conversations import mark_read, member_states
+        from ..services.conversations import mark_read_for, member_states
 
         local = self._local_members(event)
         if not local:
@@ -377,11 +377,11 @@ class Hub:
         people = {uid: SimpleNamespace(id=uid, name=state.name, avatar_id=state.avatar_id)
                   for uid, state in states.items()}
         unread = {uid: states[uid].unread for uid in local if uid in states}
-        # A socket viewing this conversation reads arriving messages at once.
-        for uid in unread:
-            if uid != message.sender_id and any(cl.joined == cid for cl in self.clients_of(uid)):
-                if mark_read(uid, db.session.get(Conversation, cid), upto=mid, notify=True):
-                    unread[uid] = 0
+        # A socket viewing this conversation reads arriving messages at once (one statement for all).
+        viewing = [uid for uid in unread
+                   if uid != message.sender_id and any(cl.joined == cid for cl in self.clients_of(uid))]
+        for uid in mark_read_for(cid, viewing, mid):
+            unread[uid] = 0
         # Members whose rows look the same (a group's members with equal badges) share one
         # rendering: a frame is rendered once per distinct (row, locale), not once per member.
         frames: dict[tuple, str] = {}

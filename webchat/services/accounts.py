@@ -131,19 +131,25 @@ def delete_user(user: User) -> list[int]:
     group_ids = db.session.scalars(
         select(Membership.conversation_id).where(Membership.user_id == user.id)
     ).all()
-    for cid in group_ids:
-        conversation = db.session.get(Conversation, cid)
-        others = db.session.scalars(
+    # Every group's other members in one query, longest-standing first.
+    others_by_group: dict[int, list[Membership]] = {cid: [] for cid in group_ids}
+    owned: dict[int, Conversation] = {}
+    if group_ids:
+        for membership in db.session.scalars(
             select(Membership)
-            .where(Membership.conversation_id == cid, Membership.user_id != user.id)
+            .where(Membership.conversation_id.in_(group_ids), Membership.user_id != user.id)
             .order_by(Membership.joined_at, Membership.user_id)
-        ).all()
+        ):
+            others_by_group[membership.conversation_id].append(membership)
+        owned = {c.id: c for c in db.session.scalars(select(Conversation).where(
+            Conversation.id.in_(group_ids), Conversation.owner_id == user.id))}
+    empty = [cid for cid, others in others_by_group.items() if not others]
+    if empty:
+        delete_conversation_rows(empty)
+    for cid, others in others_by_group.items():
         affected.update(m.user_id for m in others)
-        if not others:
-            delete_conversation_rows([cid])
-            continue
-        if conversation.owner_id == user.id:
-            conversation.owner_id = others[0].user_id
+        if others and cid in owned:
+            owned[cid].owner_id = others[0].user_id
             others[0].role = "owner"
     # Their messages in groups, with the images attached to them.
     image_ids = db.session.scalars(
@@ -160,7 +166,8 @@ def delete_user(user: User) -> list[int]:
     db.session.execute(update(Conversation).where(Conversation.owner_id == user.id).values(owner_id=None))
     db.session.delete(user)
     db.session.flush()
-    refresh_last_message([c for c in touched if db.session.get(Conversation, c) is not None])
+    if touched:
+        refresh_last_message(db.session.scalars(select(Conversation.id).where(Conversation.id.in_(touched))).all())
     affected.discard(user.id)
     return sorted(affected)
 
@@ -181,15 +188,17 @@ REVOKED_TTL = 31 * 86400
 
 
 def revoke_session(sid: str) -> None:
-    """Remember for a month that a signed-out session id may not open sockets again."""
+    """Sign a session out everywhere: close its sockets, and refuse its cookie for a month."""
     import redis
 
     from ..extensions import redis_store
+    from ..realtime import bus
 
     try:
         redis_store.client.setex(f"webchat:revoked:{sid}", REVOKED_TTL, 1)
     except (redis.RedisError, OSError):
         pass  # the socket close event and the cleared cookie still sign the browser out
+    bus.close_session(sid)
 
 
 def is_session_revoked(sid: str | None) -> bool:

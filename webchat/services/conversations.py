@@ -20,6 +20,15 @@ MAX_GROUP_OTHERS = 200
 MIN_GROUP_OTHERS = 2
 
 
+def _member_pairs(user_id: int):
+    """Select (conversation, membership) pairs of the conversations this user belongs to."""
+    return (
+        select(Conversation, Membership)
+        .join(Membership, Membership.conversation_id == Conversation.id)
+        .where(Membership.user_id == user_id)
+    )
+
+
 def get_conversation_for(user_id: int, cid, *, with_user: bool = False) -> tuple[Conversation, Membership]:
     """Return the conversation and the user's membership, or raise NotFound for non-members.
 
@@ -27,11 +36,7 @@ def get_conversation_for(user_id: int, cid, *, with_user: bool = False) -> tuple
     that have no user loaded yet, such as a socket's frames.
     """
     cid = parse_id(cid, _l("No such conversation."))
-    query = (
-        select(Conversation, Membership)
-        .join(Membership, Membership.conversation_id == Conversation.id)
-        .where(Conversation.id == cid, Membership.user_id == user_id)
-    )
+    query = _member_pairs(user_id).where(Conversation.id == cid)
     if with_user:
         query = query.options(joinedload(Membership.user, innerjoin=True))
     row = db.session.execute(query).first()
@@ -288,18 +293,28 @@ def delete_conversation(cid: int) -> list[int]:
 
 
 def refresh_last_message(conversation_ids) -> None:
-    """Point each conversation's last message at its newest remaining message, or at nothing."""
+    """Point each conversation's last message at its newest remaining message, or at nothing.
+
+    Two reads for all of them (the newest ids, then those messages with their senders), then
+    one UPDATE per conversation, each with its own values.
+    """
     from .messages import preview_of
 
-    for cid in conversation_ids:
-        newest = db.session.scalar(
-            select(Message).where(Message.conversation_id == cid).order_by(Message.id.desc()).limit(1)
-        )
+    cids = list(conversation_ids)
+    if not cids:
+        return
+    newest_ids = db.session.execute(
+        select(func.max(Message.id)).where(Message.conversation_id.in_(cids)).group_by(Message.conversation_id)
+    ).scalars().all()
+    newest = {m.conversation_id: m for m in db.session.scalars(
+        select(Message).options(joinedload(Message.sender)).where(Message.id.in_(newest_ids)))} if newest_ids else {}
+    for cid in cids:
+        message = newest.get(cid)
         values = dict(last_message_id=None, last_message_text="", last_message_image=False, last_message_at=None)
-        if newest is not None:
-            values = dict(last_message_id=newest.id, last_message_text=preview_of(newest),
-                          last_message_image=newest.image_id is not None and not newest.body,
-                          last_message_at=newest.created_at)
+        if message is not None:
+            values = dict(last_message_id=message.id, last_message_text=preview_of(message),
+                          last_message_image=message.image_id is not None and not message.body,
+                          last_message_at=message.created_at)
         db.session.execute(update(Conversation).where(Conversation.id == cid).values(**values)
                            .execution_options(synchronize_session=False))
         sync_loaded(Conversation, cid, values)
@@ -428,9 +443,7 @@ def conversation_page(user_id: int, before: str | None = None,
     """
     sort_key = func.coalesce(Conversation.last_message_at, Conversation.created_at)
     query = (
-        select(Conversation, Membership)
-        .join(Membership, Membership.conversation_id == Conversation.id)
-        .where(Membership.user_id == user_id)
+        _member_pairs(user_id)
         .where(or_(Membership.hidden_through.is_(None),
                    func.coalesce(Conversation.last_message_id, 0) > Membership.hidden_through))
         .order_by(sort_key.desc(), Conversation.id.desc())
@@ -451,25 +464,14 @@ def rows_for_user(user_id: int, cids) -> dict[int, ConversationRow]:
     cids = list(cids)
     if not cids:
         return {}
-    pairs = db.session.execute(
-        select(Conversation, Membership)
-        .join(Membership, Membership.conversation_id == Conversation.id)
-        .where(Membership.user_id == user_id, Conversation.id.in_(cids))
-    ).all()
+    pairs = db.session.execute(_member_pairs(user_id).where(Conversation.id.in_(cids))).all()
     visible = [(c, m) for c, m in pairs if not m.is_hidden(c)]
     return {row.id: row for row in build_rows(user_id, visible)}
 
 
 def conversation_row(user_id: int, cid: int) -> ConversationRow | None:
     """Return one list row for a user, or None if they are not a member or it is hidden."""
-    pair = db.session.execute(
-        select(Conversation, Membership)
-        .join(Membership, Membership.conversation_id == Conversation.id)
-        .where(Membership.user_id == user_id, Conversation.id == cid)
-    ).first()
-    if pair is None or pair[1].is_hidden(pair[0]):
-        return None
-    return build_rows(user_id, [(pair[0], pair[1])])[0]
+    return rows_for_user(user_id, [cid]).get(cid)
 
 
 def rows_for_members(cid: int, user_ids) -> dict[int, ConversationRow | None]:
@@ -578,21 +580,33 @@ def members_of(conversation_id: int) -> list[tuple[Membership, User]]:
 def mark_read(user_id: int, conversation: Conversation, upto: int | None = None, *, notify: bool = True) -> bool:
     """Move the user's read pointer to the newest message (or upto); return whether it moved."""
     target = upto if upto is not None else (conversation.last_message_id or 0)
-    values = {"last_read_message_id": target, "read_at": utcnow()}
-    result = db.session.execute(
-        update(Unread)
-        .where(Unread.conversation_id == conversation.id, Unread.user_id == user_id,
-               Unread.last_read_message_id < target)
-        .values(**values).execution_options(synchronize_session=False)
-    )
-    db.session.commit()
-    moved = result.rowcount > 0
-    if moved:
-        sync_loaded(Unread, (conversation.id, user_id), values)
-    if moved and notify:
+    return user_id in mark_read_for(conversation.id, [user_id], target, notify=notify)
+
+
+def mark_read_for(cid: int, user_ids, upto: int, *, notify: bool = True) -> set[int]:
+    """Move these members' read pointers up to message `upto` in one statement; return who moved.
+
+    Each member whose pointer moved gets a read event (after the commit), so their other tabs
+    clear the badge.
+    """
+    user_ids = [int(u) for u in user_ids]
+    if not user_ids:
+        return set()
+    values = {"last_read_message_id": upto, "read_at": utcnow()}
+    with transaction():
+        moved = set(db.session.scalars(
+            update(Unread)
+            .where(Unread.conversation_id == cid, Unread.user_id.in_(user_ids),
+                   Unread.last_read_message_id < upto)
+            .values(**values).returning(Unread.user_id).execution_options(synchronize_session=False)
+        ).all())
+    for uid in moved:
+        sync_loaded(Unread, (cid, uid), values)
+    if notify and moved:
         from ..realtime import bus
 
-        bus.conversation_read(conversation.id, user_id)
+        for uid in sorted(moved):
+            bus.conversation_read(cid, uid)
     return moved
 
 
