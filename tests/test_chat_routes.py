@@ -56,6 +56,16 @@ def test_anonymous_is_sent_to_login(app, setup, method, path, owner_only):
     assert anon_htmx.status_code in ((401,) if method == "get" else (400, 401))
 
 
+@pytest.mark.parametrize("method, path, owner_only", [r for r in ROUTES if r[0] == "post"])
+def test_anonymous_post_with_a_valid_token_is_sent_to_login(app, setup, method, path, owner_only):
+    client = app.test_client()
+    url = path.format(cid=setup["group"], **setup)
+    token = client.csrf_token()  # an anonymous session's own token: CSRF passes, sign-in does not
+    response = client.post(url, data={"csrf_token": token, "body": "x"})
+    assert response.status_code in (302, 303) and "/auth/login" in response.headers["Location"]
+    assert client.post(url, data={"csrf_token": token, "body": "x"}, headers=HX).status_code == 401
+
+
 @pytest.mark.parametrize("method, path, owner_only", ROUTES)
 def test_non_member_gets_404(app, setup, method, path, owner_only):
     client = as_user(app, "dave")
