@@ -47,6 +47,24 @@ def published(pubsub, timeout=5.0):
     raise AssertionError("no message event was published")
 
 
+def listening():
+    """Subscribe to the real channel (and give Redis a moment to register it)."""
+    pubsub = redis_store.client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(CHANNEL)
+    time.sleep(0.1)
+    return pubsub
+
+
+def deliver(hub, raw, count_queries) -> int:
+    """Plan one event on this hub, send what it planned, and return the statements planning took."""
+    counter = count_queries()
+    with counter:
+        actions = hub._plan_safely(raw)
+    for action in actions:
+        action()
+    return counter.count
+
+
 @pytest.fixture
 def direct(app, ctx):
     alice, bob, carol = make_user("alice", name="Alice"), make_user("bob", name="Bob"), make_user("carol")
@@ -57,9 +75,7 @@ def direct(app, ctx):
 
 
 def test_a_message_event_costs_one_query_and_none_where_no_member_is(app, direct, count_queries):
-    pubsub = redis_store.client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(CHANNEL)
-    time.sleep(0.1)
+    pubsub = listening()
     message, _created = msgs.send_message(direct["bob_user"], direct["conversation"], "hello <b>there</b>")
     raw = published(pubsub)
     pubsub.close()
@@ -70,21 +86,13 @@ def test_a_message_event_costs_one_query_and_none_where_no_member_is(app, direct
     elsewhere = Hub()
     elsewhere.init_app(app)
     stranger = attach(elsewhere, direct["carol"])
-    counter = count_queries()
-    with counter:
-        assert elsewhere._plan_safely(raw) == []
-    assert counter.count == 0 and stranger.ws.frames == []
+    assert deliver(elsewhere, raw, count_queries) == 0 and stranger.ws.frames == []
 
     hub = Hub()
     hub.init_app(app)
     alice_tabs = [attach(hub, direct["alice"]), attach(hub, direct["alice"], "zh")]
     bob_tab = attach(hub, direct["bob"])
-    counter = count_queries()
-    with counter:
-        actions = hub._plan_safely(raw)
-    assert counter.count == 1, counter.statements
-    for action in actions:
-        action()
+    assert deliver(hub, raw, count_queries) == 1
     cid, mid = direct["cid"], message.id
     for tab in alice_tabs + [bob_tab]:
         assert len(tab.ws.frames) == 1
@@ -99,26 +107,22 @@ def test_a_message_event_costs_one_query_and_none_where_no_member_is(app, direct
     assert f'id="unread-{cid}" class="badge" >2<' in alice_frame
     assert f'id="unread-{cid}" class="badge" hidden>' in bob_frame
     # The same message is not sent to a socket twice (a replay racing the live push).
-    for action in hub._plan_safely(raw):
-        action()
+    deliver(hub, raw, count_queries)
     assert len(alice_tabs[0].ws.frames) == 1
 
 
-def test_a_hidden_conversation_comes_back_with_the_pushed_message(app, direct):
+def test_a_hidden_conversation_comes_back_with_the_pushed_message(app, direct, count_queries):
     alice = db.session.get(User, direct["alice"])
     conversation = direct["conversation"]
     convs.hide(alice, conversation, db.session.get(Membership, (direct["cid"], direct["alice"])))
-    pubsub = redis_store.client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(CHANNEL)
-    time.sleep(0.1)
+    pubsub = listening()
     msgs.send_message(direct["bob_user"], conversation, "are you there?")
     raw = published(pubsub)
     pubsub.close()
     hub = Hub()
     hub.init_app(app)
     tab = attach(hub, direct["alice"])
-    for action in hub._plan_safely(raw):
-        action()
+    deliver(hub, raw, count_queries)
     assert f'id="conversation-{direct["cid"]}"' in tab.ws.frames[0]
     assert f'id="unread-{direct["cid"]}" class="badge" >2<' in tab.ws.frames[0]
 
@@ -149,21 +153,14 @@ def test_group_members_each_get_their_own_badge(app, ctx, count_queries):
     group = convs.create_group(alice, "Team", [bob.id, carol.id, dave.id])
     msgs.send_message(alice, group, "before carol reads")
     convs.mark_read(carol.id, group)
-    pubsub = redis_store.client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(CHANNEL)
-    time.sleep(0.1)
+    pubsub = listening()
     message, _created = msgs.send_message(alice, group, "to the team")
     raw = published(pubsub)
     pubsub.close()
     hub = Hub()
     hub.init_app(app)
     tabs = {u.id: [attach(hub, u.id), attach(hub, u.id)] for u in (alice, bob, carol)}  # dave is elsewhere
-    counter = count_queries()
-    with counter:
-        actions = hub._plan_safely(raw)
-    assert counter.count == 1
-    for action in actions:
-        action()
+    assert deliver(hub, raw, count_queries) == 1
     badges = {}
     for uid, pair in tabs.items():
         assert [len(t.ws.frames) for t in pair] == [1, 1] and pair[0].ws.frames == pair[1].ws.frames
@@ -175,9 +172,7 @@ def test_group_members_each_get_their_own_badge(app, ctx, count_queries):
 def test_members_viewing_the_group_read_it_at_once_in_one_statement(app, ctx, count_queries):
     alice, bob, carol, dave = (make_user(n) for n in ("alice", "bob", "carol", "dave"))
     group = convs.create_group(alice, "Team", [bob.id, carol.id, dave.id])
-    pubsub = redis_store.client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(CHANNEL)
-    time.sleep(0.1)
+    pubsub = listening()
     message, _created = msgs.send_message(alice, group, "look at this")
     raw = published(pubsub)
     hub = Hub()
@@ -186,13 +181,8 @@ def test_members_viewing_the_group_read_it_at_once_in_one_statement(app, ctx, co
     for client in viewers:
         client.joined = group.id
     elsewhere = attach(hub, dave.id)  # has the list open, not this conversation
-    counter = count_queries()
-    with counter:
-        actions = hub._plan_safely(raw)
     # the members' states, then one UPDATE for both viewers (not one per viewer)
-    assert counter.count == 2, counter.statements
-    for action in actions:
-        action()
+    assert deliver(hub, raw, count_queries) == 2
     for client in viewers:
         assert f'id="unread-{group.id}" class="badge" hidden>' in client.ws.frames[0]
     assert f'id="unread-{group.id}" class="badge" >1<' in elsewhere.ws.frames[0]
