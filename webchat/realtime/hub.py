@@ -314,9 +314,9 @@ class Hub:
         kind = event.get("type")
         out: list[Callable[[], None]] = []
         if kind == "message":
-            # An event from an older version (no message fields) is not pushed: clients get it
-            # when they reconnect after the deploy, from replay.
-            if "m" in event:
+            # An event from an older version (without the members' states) is not pushed:
+            # clients get it when they reconnect after the deploy, from replay.
+            if "states" in event:
                 self.plan_delivery(out, event)
         elif kind == "conversation":
             self.plan_rows(out, int(event["cid"]), event.get("uids"), event.get("removed") or [])
@@ -357,10 +357,10 @@ class Hub:
             return [int(uid) for uid in event["members"] if int(uid) in self.clients]
 
     def plan_delivery(self, out: list, event: dict) -> None:
-        """Push a new message from the fields its event carries: one query, for the local members' badges."""
-        from ..services.conversations import mark_read_for, member_states
+        """Push a new message from what its event carries; no query unless someone is viewing it."""
+        from ..services.conversations import mark_read_for
 
-        local = self._local_members(event)
+        local = set(self._local_members(event))
         if not local:
             return
         cid, mid, m, c = int(event["cid"]), int(event["mid"]), event["m"], event["c"]
@@ -372,22 +372,21 @@ class Hub:
             id=cid, is_group=c["is_group"], name=c["name"], image_id=c["image_id"],
             created_at=datetime.fromisoformat(c["created_at"]), last_message_id=mid, last_message_at=created_at,
             last_message_text=c["text"], last_message_image=c["image"])
-        # A 1:1 asks for both members, local or not: each one's row shows the other person.
-        states = member_states(cid, local if conversation.is_group else event["members"])
-        people = {uid: SimpleNamespace(id=uid, name=state.name, avatar_id=state.avatar_id)
-                  for uid, state in states.items()}
-        unread = {uid: states[uid].unread for uid in local if uid in states}
+        hidden = {uid: hidden_through for uid, hidden_through, _count in event["states"] if uid in local}
+        unread = {uid: count for uid, _hidden, count in event["states"] if uid in local}
+        # A 1:1's row shows the other person, whose name and avatar the event carries.
+        people = {uid: SimpleNamespace(id=uid, name=name, avatar_id=avatar) for uid, name, avatar in event["people"]}
         # A socket viewing this conversation reads arriving messages at once (one statement for all).
         viewing = [uid for uid in unread
                    if uid != message.sender_id and any(cl.joined == cid for cl in self.clients_of(uid))]
-        for uid in mark_read_for(cid, viewing, mid):
-            unread[uid] = 0
+        if viewing:
+            for uid in mark_read_for(cid, viewing, mid):
+                unread[uid] = 0
         # Members whose rows look the same (a group's members with equal badges) share one
         # rendering: a frame is rendered once per distinct (row, locale), not once per member.
         frames: dict[tuple, str] = {}
         for uid, count in unread.items():
-            hidden_through = states[uid].hidden_through
-            visible = hidden_through is None or hidden_through < mid
+            visible = hidden[uid] is None or hidden[uid] < mid
             peer = None if conversation.is_group else next((p for pid, p in people.items() if pid != uid), None)
             for client in self.clients_of(uid):
                 key = (visible, peer.id if peer else None, count, client.locale)

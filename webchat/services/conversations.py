@@ -479,7 +479,7 @@ def rows_for_members(cid: int, user_ids) -> dict[int, ConversationRow | None]:
 
     The hub calls this for conversation events (renames, members added or removed, reads) for
     all the members a process holds, so a 200-member group costs the same handful of queries as
-    a 1:1. New messages take the lighter path of member_states.
+    a 1:1. New messages carry their members' states in their event (member_states).
     """
     wanted = set(user_ids)
     conversation = db.session.get(Conversation, cid)
@@ -544,26 +544,23 @@ def _member_states_statement():
         .join(Unread, and_(Unread.conversation_id == Membership.conversation_id,
                            Unread.user_id == Membership.user_id))
         .join(User, User.id == Membership.user_id)
-        .where(Membership.conversation_id == bindparam("cid"),
-               Membership.user_id.in_(bindparam("uids", expanding=True)))
+        .where(Membership.conversation_id == bindparam("cid"))
     )
 
 
-# Built once: the push path runs it for every message, and building a statement costs more
-# than running it.
+# Built once: every send runs it, and building a statement costs more than running it.
 _MEMBER_STATES = _member_states_statement()
 
 
-def member_states(cid: int, user_ids) -> dict[int, MemberState]:
-    """Return the hidden state, exact unread count, name and avatar of these members, in one query.
+def member_states(cid: int) -> dict[int, MemberState]:
+    """Return every member's hidden state, exact unread count, name and avatar, in one query.
 
-    The push path's only query: `user_ids` are the members a process holds sockets for (both
-    members of a 1:1, whose rows show each other).
+    A send runs it after its writes, in its own transaction, and the message's event carries
+    the result: the processes that push the message then need no query at all. Run after the
+    conversation row is locked by the send's update, it counts every message committed before
+    this one's (senders to one conversation commit one at a time).
     """
-    # One statement outside any transaction: no BEGIN and ROLLBACK round trips around it.
-    with db.engine.connect() as conn:
-        rows = conn.execution_options(isolation_level="AUTOCOMMIT").execute(
-            _MEMBER_STATES, {"cid": cid, "uids": [int(u) for u in user_ids]}).all()
+    rows = db.session.execute(_MEMBER_STATES, {"cid": cid}).all()
     return {uid: MemberState(*state) for uid, *state in rows}
 
 

@@ -67,19 +67,20 @@ def _existing(sender_id: int, conversation_id: int, client_id: str) -> Message |
 
 
 def _delivery(message: Message, conversation: Conversation, sender: User) -> dict:
-    """Return what every process needs to push a new message without reading it back.
+    """Return everything every process needs to push a new message, read once here.
 
-    The message's fields, the conversation's list-row fields and its member ids travel in the
-    event, so a listener touches the database only for its own members' badges, and a process
-    holding none of the members does nothing at all. A 1:1's members are in its key; a group's
-    cost one query here.
+    The message's fields, the conversation's list-row fields and each member's state (hidden
+    position and exact unread count; for a 1:1 also name and avatar, since each row shows the
+    other person) travel in the event. A listener then renders and writes without a query, and
+    a process holding none of the members does nothing at all.
     """
-    members = conversation.direct_member_ids
-    if conversation.is_group or not members:
-        members = list(db.session.scalars(
-            select(Membership.user_id).where(Membership.conversation_id == conversation.id)))
+    from .conversations import member_states
+
+    states = member_states(conversation.id)
+    people = [] if conversation.is_group else [[uid, s.name, s.avatar_id] for uid, s in states.items()]
     return {
-        "type": "message", "cid": conversation.id, "mid": message.id, "members": members,
+        "type": "message", "cid": conversation.id, "mid": message.id, "members": list(states),
+        "states": [[uid, s.hidden_through, s.unread] for uid, s in states.items()], "people": people,
         "m": {"sender_id": sender.id, "sender_name": sender.name, "sender_avatar": sender.avatar_id,
               "body": message.body, "image_id": message.image_id, "created_at": message.created_at.isoformat()},
         "c": {"is_group": conversation.is_group, "name": conversation.name, "image_id": conversation.image_id,
@@ -93,7 +94,8 @@ def send_message(sender: User, conversation: Conversation, body: str | None, ima
     """Send a text and/or image message; return it and whether it is new.
 
     Writes a constant number of rows whatever the group size: the message (and its image),
-    the conversation's last-message columns and the sender's own read pointer. A repeated
+    the conversation's last-message columns and the sender's own read pointer. Then one query
+    reads what the push needs (every member's unread count), so listeners need none. A repeated
     client_id is caught by the unique constraint, so the usual send does not look first.
     """
     body, client_id = check_message(body, image, client_id)
