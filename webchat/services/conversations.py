@@ -560,7 +560,8 @@ def member_states(cid: int) -> dict[int, MemberState]:
     conversation row is locked by the send's update, it counts every message committed before
     this one's (senders to one conversation commit one at a time).
     """
-    rows = db.session.execute(_MEMBER_STATES, {"cid": cid}).all()
+    # On the session's connection (its transaction), without the ORM's statement handling.
+    rows = db.session.connection().execute(_MEMBER_STATES, {"cid": cid}).all()
     return {uid: MemberState(*state) for uid, *state in rows}
 
 

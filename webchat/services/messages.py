@@ -6,9 +6,9 @@ from datetime import timedelta
 from flask_babel import force_locale
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import joinedload
+from sqlalchemy.orm import joinedload, make_transient_to_detached
 
 from ..extensions import db
 from ..models import Conversation, Membership, Message, Unread, User, utcnow
@@ -89,42 +89,98 @@ def _delivery(message: Message, conversation: Conversation, sender: User) -> dic
     }
 
 
+_messages, _conversations, _unreads = Message.__table__, Conversation.__table__, Unread.__table__
+
+
+def _moves(new_id):
+    """The two conditional updates of a send, for a message id (a bind or the CTE's column).
+
+    Conditional, so that two senders committing out of id order never move either backwards.
+    """
+    last = (
+        update(_conversations)
+        .where(_conversations.c.id == bindparam("p_conversation_id"),
+               or_(_conversations.c.last_message_id.is_(None), _conversations.c.last_message_id < new_id))
+        .values(last_message_id=new_id, last_message_text=bindparam("p_text"),
+                last_message_image=bindparam("p_image_only"), last_message_at=bindparam("p_created_at"))
+    )
+    read = (
+        update(_unreads)
+        .where(_unreads.c.conversation_id == bindparam("p_conversation_id"),
+               _unreads.c.user_id == bindparam("p_sender_id"), _unreads.c.last_read_message_id < new_id)
+        .values(last_read_message_id=new_id, read_at=bindparam("p_created_at"))
+    )
+    return last, read
+
+
+# Bind names differ from column names (SQLAlchemy reserves those); a send passes them all.
+_INSERT = insert(_messages).values(
+    {name: bindparam(f"p_{name}") for name in ("conversation_id", "sender_id", "kind", "body", "image_id",
+                                               "client_id", "created_at")}
+).returning(_messages.c.id)
+
+
+def _send_statement():
+    """PostgreSQL: the three writes of a send as one statement (one round trip)."""
+    inserted = _INSERT.cte("m")
+    last, read = _moves(inserted.c.id)
+    last = last.returning(_conversations.c.id).cte("c")
+    read = read.returning(_unreads.c.user_id).cte("r")
+    return select(inserted.c.id, select(func.count()).select_from(last).scalar_subquery(),
+                  select(func.count()).select_from(read).scalar_subquery())
+
+
+_SEND = _send_statement()
+_MOVE_LAST, _MOVE_READ = _moves(bindparam("p_mid"))
+
+
+def _write(values: dict) -> tuple[int, bool, bool]:
+    """Write a message, the conversation's last message and the sender's read pointer.
+
+    Returns the new id and whether each update moved. Core statements on the session's
+    connection (same transaction), without the ORM's unit of work: this is every send's cost.
+    """
+    conn = db.session.connection()
+    if conn.dialect.name == "postgresql":
+        mid, moved_last, moved_read = conn.execute(_SEND, values).one()
+        return mid, bool(moved_last), bool(moved_read)
+    mid = conn.execute(_INSERT, values).scalar_one()
+    values = {**values, "p_mid": mid}
+    return mid, bool(conn.execute(_MOVE_LAST, values).rowcount), bool(conn.execute(_MOVE_READ, values).rowcount)
+
+
 def send_message(sender: User, conversation: Conversation, body: str | None, image=None,
                  client_id: str | None = None) -> tuple[Message, bool]:
     """Send a text and/or image message; return it and whether it is new.
 
     Writes a constant number of rows whatever the group size: the message (and its image),
-    the conversation's last-message columns and the sender's own read pointer. Then one query
-    reads what the push needs (every member's unread count), so listeners need none. A repeated
-    client_id is caught by the unique constraint, so the usual send does not look first.
+    the conversation's last-message columns and the sender's own read pointer, in one
+    statement on PostgreSQL. Then one query reads what the push needs (every member's unread
+    count), so listeners need none. A repeated client_id is caught by the unique constraint,
+    so the usual send does not look first.
     """
     body, client_id = check_message(body, image, client_id)
     # Plain values first: after a rollback the ORM objects would reload them.
     conversation_id, sender_id = conversation.id, sender.id
     try:
-        image_row = store_upload(image, conversation_id=conversation_id) if has_file(image) else None
-        message = Message(conversation_id=conversation_id, sender_id=sender_id, kind="text", body=body,
+        image_row = None
+        if has_file(image):
+            image_row = store_upload(image, conversation_id=conversation_id)
+            db.session.flush()  # the message refers to it
+        message = Message(conversation_id=conversation_id, sender_id=sender_id, kind="text", event=None, body=body,
                           image_id=image_row.id if image_row else None, client_id=client_id, created_at=utcnow())
-        db.session.add(message)
-        db.session.flush()
-        # Conditional, so that two senders committing out of id order never move it backwards.
-        last = {"last_message_id": message.id, "last_message_text": preview_of(message),
-                "last_message_image": bool(image_row) and not body, "last_message_at": message.created_at}
-        if db.session.execute(
-            update(Conversation)
-            .where(Conversation.id == conversation_id,
-                   or_(Conversation.last_message_id.is_(None), Conversation.last_message_id < message.id))
-            .values(**last).execution_options(synchronize_session=False)
-        ).rowcount:
-            sync_loaded(Conversation, conversation_id, last)
-        read = {"last_read_message_id": message.id, "read_at": message.created_at}
-        if db.session.execute(
-            update(Unread)
-            .where(Unread.conversation_id == conversation_id, Unread.user_id == sender_id,
-                   Unread.last_read_message_id < message.id)
-            .values(**read).execution_options(synchronize_session=False)
-        ).rowcount:
-            sync_loaded(Unread, (conversation_id, sender_id), read)
+        text, image_only = preview_of(message), bool(image_row) and not body
+        message.id, moved_last, moved_read = _write({
+            "p_conversation_id": conversation_id, "p_sender_id": sender_id, "p_kind": "text", "p_body": body,
+            "p_image_id": message.image_id, "p_client_id": client_id, "p_created_at": message.created_at,
+            "p_text": text, "p_image_only": image_only})
+        if moved_last:
+            sync_loaded(Conversation, conversation_id, {
+                "last_message_id": message.id, "last_message_text": text, "last_message_image": image_only,
+                "last_message_at": message.created_at})
+        if moved_read:
+            sync_loaded(Unread, (conversation_id, sender_id),
+                        {"last_read_message_id": message.id, "read_at": message.created_at})
         event = _delivery(message, conversation, sender)
         db.session.commit()
     except IntegrityError:
@@ -137,6 +193,9 @@ def send_message(sender: User, conversation: Conversation, body: str | None, ima
     except Exception:
         db.session.rollback()
         raise
+    # Written without the ORM: hand the session the row as it is in the database (no reload).
+    make_transient_to_detached(message)
+    db.session.add(message)
     from ..realtime import bus
 
     bus.publish(event)
@@ -186,8 +245,6 @@ def messages_for_replay(user_id: int, after: int, limit: int = 500, lookback: bo
 
 def newest_message_id(user_id: int) -> int:
     """Return the largest message id in the user's conversations (0 if none)."""
-    from sqlalchemy import func
-
     return db.session.scalar(
         select(func.coalesce(func.max(Conversation.last_message_id), 0))
         .join(Membership, Membership.conversation_id == Conversation.id)
