@@ -136,6 +136,26 @@ def test_websocket_message_frame_sends(app, servers, chat):
     bob.close()
 
 
+def test_a_disabled_accounts_message_frame_is_refused_and_its_socket_closed(app, servers, chat):
+    a, _b = servers
+    bob = Socket(a, http_login(a.url, "bob"))
+    time.sleep(0.3)
+    with app.app_context():
+        from webchat.models import User
+
+        # Disabled behind the app's back: the event that would close the socket never comes.
+        db.session.get(User, chat["bob"]).is_disabled = True
+        db.session.commit()
+    bob.send(type="message", conversation_id=chat["direct"], body="after disabling", client_id="d1")
+    bob.ws.settimeout(5)
+    opcode, data = bob.ws.recv_data(control_frame=True)
+    while opcode != websocket.ABNF.OPCODE_CLOSE:
+        opcode, data = bob.ws.recv_data(control_frame=True)
+    assert int.from_bytes(data[:2], "big") == 1008
+    with app.app_context():
+        assert msgs.messages_page(chat["direct"]) == []
+
+
 def test_join_marks_arriving_messages_read(app, servers, chat):
     a, b = servers
     bob = Socket(b, http_login(b.url, "bob"))

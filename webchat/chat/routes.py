@@ -140,14 +140,14 @@ def older_messages(cid: int):
 def send(cid: int):
     """Send a text and/or image message."""
     try:
-        conversation, _m = convs.get_conversation_for(current_user.id, cid)
-        message, created = msgs.send_message(_me(), conversation, request.form.get("body"),
-                                             request.files.get("image"), request.form.get("client_id"))
+        # The membership check is part of the send (one statement on PostgreSQL).
+        message, created = msgs.send_to(current_user.id, cid, request.form.get("body"),
+                                        request.files.get("image"), request.form.get("client_id"))
     except DomainError as exc:
         return _fail(exc, lambda **kw: _chat_page(cid, **kw))
     status = 201 if created else 200
     if is_htmx():
-        return render_template("chat/_sent.html", message=message, conversation=conversation), status
+        return render_template("chat/_sent.html", message=message), status
     return redirect(url_for("chat.conversation", cid=cid, _anchor=f"message-{message.id}"), 303)
 
 

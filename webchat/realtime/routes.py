@@ -62,6 +62,11 @@ def handle_frame(client: Client, raw) -> str | None:
         client.joined = None
         return None
     try:
+        if kind == "message":
+            # The send checks membership and that the account is active itself (in its statement).
+            msgs.send_to(client.user_id, frame.get("conversation_id"), frame.get("body"), None,
+                         frame.get("client_id"))
+            return None
         # The member's user comes with the membership check: one query, and a disabled
         # account is caught here even if the event that closes its sockets was lost.
         conversation, membership = convs.get_conversation_for(client.user_id, frame.get("conversation_id"),
@@ -70,14 +75,15 @@ def handle_frame(client: Client, raw) -> str | None:
         if user.is_disabled:
             client.close(1008, "account closed")
             return None
-        if kind == "message":
-            msgs.send_message(user, conversation, frame.get("body"), None, frame.get("client_id"))
-        elif kind == "join":
+        if kind == "join":
             client.joined = conversation.id
             convs.mark_read(user.id, conversation)
         else:
             bus.typing(conversation.id, user.id, user.name)
     except DomainError as exc:
+        if exc.status == 404 and not accounts.is_active(client.user_id):
+            client.close(1008, "account closed")  # refused because the account is gone or disabled
+            return None
         return _error_frame(exc.message, "not_found" if exc.status == 404 else "invalid")
     except Exception:  # a frame must never take the socket down
         db.session.rollback()

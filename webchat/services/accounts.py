@@ -34,6 +34,12 @@ def verify_password(user: User | None, password: str) -> bool:
         return False
 
 
+def is_active(user_id: int) -> bool:
+    """Say whether this account still exists and is not disabled."""
+    user = db.session.get(User, user_id)
+    return user is not None and not user.is_disabled
+
+
 def find_user_by_username(username: str) -> User | None:
     """Return the user with this username, whatever its case."""
     return db.session.scalar(select(User).where(func.lower(User.username) == username.strip().lower()))

@@ -6,13 +6,14 @@ from datetime import timedelta
 from flask_babel import force_locale
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, false, func, insert, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload, make_transient_to_detached
 
 from ..extensions import db
 from ..models import Conversation, Membership, Message, Unread, User, utcnow
-from . import MAX_ID, DomainError, NotFound, sync_loaded
+from . import MAX_ID, DomainError, NotFound, parse_id, sync_loaded
+from .conversations import get_conversation_for, member_states
 from .images import has_file, store_upload
 
 MAX_BODY = 4000
@@ -66,7 +67,7 @@ def _existing(sender_id: int, conversation_id: int, client_id: str) -> Message |
         Message.sender_id == sender_id, Message.conversation_id == conversation_id, Message.client_id == client_id))
 
 
-def _delivery(message: Message, conversation: Conversation, sender: User) -> dict:
+def _delivery(message: Message, target: dict) -> dict:
     """Return everything every process needs to push a new message, read once here.
 
     The message's fields, the conversation's list-row fields and each member's state (hidden
@@ -74,22 +75,24 @@ def _delivery(message: Message, conversation: Conversation, sender: User) -> dic
     other person) travel in the event. A listener then renders and writes without a query, and
     a process holding none of the members does nothing at all.
     """
-    from .conversations import member_states
-
-    states = member_states(conversation.id)
-    people = [] if conversation.is_group else [[uid, s.name, s.avatar_id] for uid, s in states.items()]
+    states = member_states(message.conversation_id)
+    people = [] if target["is_group"] else [[uid, s.name, s.avatar_id] for uid, s in states.items()]
     return {
-        "type": "message", "cid": conversation.id, "mid": message.id, "members": list(states),
+        "type": "message", "cid": message.conversation_id, "mid": message.id, "members": list(states),
         "states": [[uid, s.hidden_through, s.unread] for uid, s in states.items()], "people": people,
-        "m": {"sender_id": sender.id, "sender_name": sender.name, "sender_avatar": sender.avatar_id,
-              "body": message.body, "image_id": message.image_id, "created_at": message.created_at.isoformat()},
-        "c": {"is_group": conversation.is_group, "name": conversation.name, "image_id": conversation.image_id,
-              "created_at": conversation.created_at.isoformat(), "text": preview_of(message),
+        "m": {"sender_id": message.sender_id, "sender_name": target["sender_name"],
+              "sender_avatar": target["sender_avatar"], "body": message.body, "image_id": message.image_id,
+              "created_at": message.created_at.isoformat()},
+        "c": {"is_group": target["is_group"], "name": target["name"], "image_id": target["image_id"],
+              "created_at": target["created_at"].isoformat(), "text": preview_of(message),
               "image": bool(message.image_id) and not message.body},
     }
 
 
 _messages, _conversations, _unreads = Message.__table__, Conversation.__table__, Unread.__table__
+_memberships, _users = Membership.__table__, User.__table__
+# Bind names differ from column names (SQLAlchemy reserves those); a send passes them all.
+_MESSAGE_COLUMNS = ("conversation_id", "sender_id", "kind", "body", "image_id", "client_id", "created_at")
 
 
 def _moves(new_id):
@@ -113,55 +116,95 @@ def _moves(new_id):
     return last, read
 
 
-# Bind names differ from column names (SQLAlchemy reserves those); a send passes them all.
-_INSERT = insert(_messages).values(
-    {name: bindparam(f"p_{name}") for name in ("conversation_id", "sender_id", "kind", "body", "image_id",
-                                               "client_id", "created_at")}
-).returning(_messages.c.id)
-
-
 def _send_statement():
-    """PostgreSQL: the three writes of a send as one statement (one round trip)."""
-    inserted = _INSERT.cte("m")
+    """PostgreSQL: a whole send in one statement (one round trip).
+
+    It checks that the sender is an active member, inserts the message, moves the
+    conversation's last message and the sender's read pointer, and returns what the push
+    needs of the conversation and the sender. No row back: not a member (or not active).
+    """
+    target = (
+        select(_conversations.c.is_group, _conversations.c.name, _conversations.c.image_id,
+               _conversations.c.created_at, _users.c.name.label("sender_name"),
+               _users.c.avatar_id.label("sender_avatar"))
+        .join(_memberships, and_(_memberships.c.conversation_id == _conversations.c.id,
+                                 _memberships.c.user_id == bindparam("p_sender_id")))
+        .join(_users, and_(_users.c.id == _memberships.c.user_id, _users.c.is_disabled.is_(false())))
+        .where(_conversations.c.id == bindparam("p_conversation_id"))
+        .cte("t")
+    )
+    values = select(*(bindparam(f"p_{name}", type_=_messages.c[name].type) for name in _MESSAGE_COLUMNS))
+    inserted = (insert(_messages).from_select(_MESSAGE_COLUMNS, values.select_from(target))
+                .returning(_messages.c.id).cte("m"))
     last, read = _moves(inserted.c.id)
     last = last.returning(_conversations.c.id).cte("c")
     read = read.returning(_unreads.c.user_id).cte("r")
-    return select(inserted.c.id, select(func.count()).select_from(last).scalar_subquery(),
-                  select(func.count()).select_from(read).scalar_subquery())
+    return (
+        select(inserted.c.id, select(func.count()).select_from(last).scalar_subquery().label("moved_last"),
+               select(func.count()).select_from(read).scalar_subquery().label("moved_read"), target)
+        .select_from(target.join(inserted, true()))
+    )
 
 
 _SEND = _send_statement()
+_INSERT = insert(_messages).values({name: bindparam(f"p_{name}") for name in _MESSAGE_COLUMNS}).returning(_messages.c.id)
 _MOVE_LAST, _MOVE_READ = _moves(bindparam("p_mid"))
 
 
-def _write(values: dict) -> tuple[int, bool, bool]:
+def _write(values: dict, sender: User | None, conversation: Conversation | None) -> tuple[int, bool, bool, dict]:
     """Write a message, the conversation's last message and the sender's read pointer.
 
-    Returns the new id and whether each update moved. Core statements on the session's
-    connection (same transaction), without the ORM's unit of work: this is every send's cost.
+    Returns the new id, whether each update moved, and the conversation's and sender's fields
+    for the push. Core statements on the session's connection (same transaction), without the
+    ORM's unit of work: this is every send's cost. On PostgreSQL the membership check is part
+    of the statement; elsewhere the caller passes the checked sender and conversation.
     """
     conn = db.session.connection()
     if conn.dialect.name == "postgresql":
-        mid, moved_last, moved_read = conn.execute(_SEND, values).one()
-        return mid, bool(moved_last), bool(moved_read)
+        row = conn.execute(_SEND, values).one_or_none()
+        if row is None:
+            raise NotFound(_l("No such conversation."))
+        return row.id, bool(row.moved_last), bool(row.moved_read), row._asdict()
+    if sender is None or conversation is None:
+        conversation, membership = get_conversation_for(values["p_sender_id"], values["p_conversation_id"],
+                                                        with_user=True)
+        sender = membership.user
+    if sender.is_disabled:
+        raise NotFound(_l("No such conversation."))
     mid = conn.execute(_INSERT, values).scalar_one()
     values = {**values, "p_mid": mid}
-    return mid, bool(conn.execute(_MOVE_LAST, values).rowcount), bool(conn.execute(_MOVE_READ, values).rowcount)
+    moved_last, moved_read = conn.execute(_MOVE_LAST, values).rowcount, conn.execute(_MOVE_READ, values).rowcount
+    return mid, bool(moved_last), bool(moved_read), {
+        "is_group": conversation.is_group, "name": conversation.name, "image_id": conversation.image_id,
+        "created_at": conversation.created_at, "sender_name": sender.name, "sender_avatar": sender.avatar_id}
 
 
 def send_message(sender: User, conversation: Conversation, body: str | None, image=None,
                  client_id: str | None = None) -> tuple[Message, bool]:
+    """Send a text and/or image message as a member; return it and whether it is new."""
+    return _send(sender.id, conversation.id, body, image, client_id, sender=sender, conversation=conversation)
+
+
+def send_to(user_id: int, conversation_id, body: str | None, image=None,
+            client_id: str | None = None) -> tuple[Message, bool]:
+    """Send to a conversation by id, checking that the user is an active member (NotFound if not).
+
+    The routes and socket frames send this way: on PostgreSQL the check costs no query of its
+    own, it is part of the send's statement.
+    """
+    return _send(user_id, parse_id(conversation_id, _l("No such conversation.")), body, image, client_id)
+
+
+def _send(sender_id: int, conversation_id: int, body: str | None, image, client_id: str | None, *,
+          sender: User | None = None, conversation: Conversation | None = None) -> tuple[Message, bool]:
     """Send a text and/or image message; return it and whether it is new.
 
     Writes a constant number of rows whatever the group size: the message (and its image),
-    the conversation's last-message columns and the sender's own read pointer, in one
-    statement on PostgreSQL. Then one query reads what the push needs (every member's unread
-    count), so listeners need none. A repeated client_id is caught by the unique constraint,
-    so the usual send does not look first.
+    the conversation's last-message columns and the sender's own read pointer. Then one query
+    reads what the push needs (every member's unread count), so listeners need none. A repeated
+    client_id is caught by the unique constraint, so the usual send does not look first.
     """
     body, client_id = check_message(body, image, client_id)
-    # Plain values first: after a rollback the ORM objects would reload them.
-    conversation_id, sender_id = conversation.id, sender.id
     try:
         image_row = None
         if has_file(image):
@@ -170,10 +213,10 @@ def send_message(sender: User, conversation: Conversation, body: str | None, ima
         message = Message(conversation_id=conversation_id, sender_id=sender_id, kind="text", event=None, body=body,
                           image_id=image_row.id if image_row else None, client_id=client_id, created_at=utcnow())
         text, image_only = preview_of(message), bool(image_row) and not body
-        message.id, moved_last, moved_read = _write({
+        message.id, moved_last, moved_read, target = _write({
             "p_conversation_id": conversation_id, "p_sender_id": sender_id, "p_kind": "text", "p_body": body,
             "p_image_id": message.image_id, "p_client_id": client_id, "p_created_at": message.created_at,
-            "p_text": text, "p_image_only": image_only})
+            "p_text": text, "p_image_only": image_only}, sender, conversation)
         if moved_last:
             sync_loaded(Conversation, conversation_id, {
                 "last_message_id": message.id, "last_message_text": text, "last_message_image": image_only,
@@ -181,7 +224,7 @@ def send_message(sender: User, conversation: Conversation, body: str | None, ima
         if moved_read:
             sync_loaded(Unread, (conversation_id, sender_id),
                         {"last_read_message_id": message.id, "read_at": message.created_at})
-        event = _delivery(message, conversation, sender)
+        event = _delivery(message, target)
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
