@@ -59,7 +59,7 @@ def deliver(hub, raw, count_queries) -> int:
     """Plan one event on this hub, send what it planned, and return the statements planning took."""
     counter = count_queries()
     with counter:
-        actions = hub._plan_safely(raw)
+        actions = hub._plan_safely(json.loads(raw))
     for action in actions:
         action()
     return counter.count

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from functools import partial
 
 import redis
-from flask import Flask, render_template
+from flask import Flask, current_app, render_template
 from flask_babel import force_locale
 from flask_babel import lazy_gettext as _l
 from sqlalchemy import select
@@ -48,6 +48,15 @@ def _is_deadline(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(exc, Timeout)
+
+
+def _macros():
+    """The fragment macros of chat/_macros.html, called directly for live frames.
+
+    A frame is rendered for every new message on every process: calling the macros skips
+    building a template context (and Flask's page context) for each one.
+    """
+    return current_app.jinja_env.get_template("chat/_macros.html").module
 
 
 class Client:
@@ -204,6 +213,11 @@ class Hub:
 
     def _listen(self) -> None:
         """Deliver published events to local sockets; after a Redis outage, resubscribe and replay."""
+        # Events planned in this thread render in this one request context (url_for needs one).
+        with self.app.test_request_context("/"):
+            self._listen_loop()
+
+    def _listen_loop(self) -> None:
         backoff = 0.5
         lost = False
         while not self._stopping:
@@ -256,19 +270,30 @@ class Hub:
             pass
 
     # -- events ------------------------------------------------------------------------------
-    # Events are planned concurrently (each plan waits on the database several times) and
-    # their frames are sent strictly in arrival order: a worker files its actions under the
-    # event's sequence number and whoever completes the next number sends everything ready.
+    # Events that need the database are planned concurrently (each plan waits on it), the
+    # common rest (a message nobody here is viewing) right here in the listener; frames are
+    # sent strictly in arrival order: each plan is filed under the event's sequence number and
+    # whoever completes the next number sends everything ready.
     def _submit(self, raw) -> None:
-        self._slots.acquire()  # back-pressure: at most HUB_CONCURRENCY events in flight
         seq = self._seq
         self._seq += 1
-        threading.Thread(target=self._plan_and_emit, args=(seq, raw), daemon=True).start()
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            log.exception("unreadable event %r", raw)
+            self._emit(seq, [])
+            return
+        if event.get("type") == "message" and "states" in event and not self._viewers(event):
+            # No query to wait for: planned in the listener's own request context, no thread.
+            self._emit(seq, self._plan_logged(event))
+            return
+        self._slots.acquire()  # back-pressure: at most HUB_CONCURRENCY events in flight
+        threading.Thread(target=self._plan_and_emit, args=(seq, event), daemon=True).start()
 
-    def _plan_and_emit(self, seq: int, raw) -> None:
+    def _plan_and_emit(self, seq: int, event: dict) -> None:
         actions: list[Callable[[], None]] = []
         try:
-            actions = self._plan_safely(raw)
+            actions = self._plan_safely(event)
         finally:
             self._slots.release()
             self._emit(seq, actions)
@@ -284,18 +309,21 @@ class Hub:
                         log.exception("frame delivery failed")
                 self._next_seq += 1
 
-    def _plan_safely(self, raw) -> list[Callable[[], None]]:
+    def _plan_safely(self, event: dict) -> list[Callable[[], None]]:
+        """Plan an event in a request context of its own, and give its database session back."""
+        if event.get("type") == "message" and "members" in event and not self._local_members(event):
+            return []  # none of this process's users is in the conversation: nothing to do
+        with self.app.test_request_context("/"):
+            try:
+                return self._plan_logged(event)
+            finally:
+                db.session.remove()
+
+    def _plan_logged(self, event: dict) -> list[Callable[[], None]]:
         try:
-            event = json.loads(raw)
-            if event.get("type") == "message" and "members" in event and not self._local_members(event):
-                return []  # none of this process's users is in the conversation: nothing to do
-            with self.app.test_request_context("/"):
-                try:
-                    return self.plan(event)
-                finally:
-                    db.session.remove()
+            return self.plan(event)
         except Exception:
-            log.exception("failed to plan event %r", raw)
+            log.exception("failed to plan event %r", event)
             return []
 
     def dispatch(self, event: dict) -> None:
@@ -356,6 +384,12 @@ class Hub:
         with self.lock:
             return [int(uid) for uid in event["members"] if int(uid) in self.clients]
 
+    def _viewers(self, event: dict) -> list[int]:
+        """Local members (not the sender) with a socket viewing the message's conversation."""
+        cid, sender_id = int(event["cid"]), event["m"]["sender_id"]
+        return [uid for uid in self._local_members(event)
+                if uid != sender_id and any(client.joined == cid for client in self.clients_of(uid))]
+
     def plan_delivery(self, out: list, event: dict) -> None:
         """Push a new message from what its event carries; no query unless someone is viewing it."""
         from ..services.conversations import mark_read_for
@@ -377,13 +411,15 @@ class Hub:
         # A 1:1's row shows the other person, whose name and avatar the event carries.
         people = {uid: SimpleNamespace(id=uid, name=name, avatar_id=avatar) for uid, name, avatar in event["people"]}
         # A socket viewing this conversation reads arriving messages at once (one statement for all).
-        viewing = [uid for uid in unread
-                   if uid != message.sender_id and any(cl.joined == cid for cl in self.clients_of(uid))]
+        viewing = self._viewers(event)
         if viewing:
             for uid in mark_read_for(cid, viewing, mid):
                 unread[uid] = 0
-        # Members whose rows look the same (a group's members with equal badges) share one
-        # rendering: a frame is rendered once per distinct (row, locale), not once per member.
+        # A frame is the message (rendered once per language) and, unless hidden, the member's
+        # list row (rendered once per distinct row and language: a group's members with equal
+        # badges share one). Fragments, not pages: no page context is built for them.
+        macros = _macros()
+        items: dict[str, str] = {}
         frames: dict[tuple, str] = {}
         for uid, count in unread.items():
             visible = hidden[uid] is None or hidden[uid] < mid
@@ -392,9 +428,10 @@ class Hub:
                 key = (visible, peer.id if peer else None, count, client.locale)
                 if key not in frames:
                     with force_locale(client.locale):
-                        frames[key] = render_template(
-                            "realtime/_message_frame.html", message=message,
-                            row=self._delivery_row(conversation, peer, count) if visible else None)
+                        if client.locale not in items:
+                            items[client.locale] = macros.message_oob(message)
+                        row = macros.row_oob(self._delivery_row(conversation, peer, count)) if visible else ""
+                    frames[key] = f"{items[client.locale]}\n{row}"
                 out.append(partial(client.send, frames[key], mid=mid))
 
     @staticmethod
