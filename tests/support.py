@@ -165,3 +165,15 @@ class RedisServer:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+def shown_badge(html: str, cid: int) -> str:
+    """Return the unread badge a page shows for a conversation after this frame ("" if hidden).
+
+    A live frame may carry the row's own badge and then the member's badge as a later
+    out-of-band element; htmx applies them in order, so the last one is what shows.
+    """
+    found = re.findall(rf'<span (?:hx-swap-oob="true" )?id="unread-{cid}" class="badge" (hidden)?>(\d*)</span>', html)
+    assert found, f"no badge for conversation {cid}"
+    hidden, text = found[-1]
+    return "" if hidden else text

@@ -415,24 +415,28 @@ class Hub:
         if viewing:
             for uid in mark_read_for(cid, viewing, mid):
                 unread[uid] = 0
-        # A frame is the message (rendered once per language) and, unless hidden, the member's
-        # list row (rendered once per distinct row and language: a group's members with equal
-        # badges share one). Fragments, not pages: no page context is built for them.
+        # A frame is the message and, unless hidden, the member's list row, each rendered once
+        # per language (a 1:1's row once per side), then the member's own badge: a group's
+        # row is not rendered again for every member. Macros, not pages: no page context.
         macros = _macros()
         items: dict[str, str] = {}
         frames: dict[tuple, str] = {}
+        badges: dict[int, str] = {}
         for uid, count in unread.items():
             visible = hidden[uid] is None or hidden[uid] < mid
             peer = None if conversation.is_group else next((p for pid, p in people.items() if pid != uid), None)
+            if visible and count and count not in badges:
+                badges[count] = macros.badge_oob(cid, count)
             for client in self.clients_of(uid):
-                key = (visible, peer.id if peer else None, count, client.locale)
+                key = (visible, peer.id if peer else None, client.locale)
                 if key not in frames:
                     with force_locale(client.locale):
                         if client.locale not in items:
                             items[client.locale] = macros.message_oob(message)
-                        row = macros.row_oob(self._delivery_row(conversation, peer, count)) if visible else ""
+                        row = macros.row_oob(self._delivery_row(conversation, peer, 0)) if visible else ""
                     frames[key] = f"{items[client.locale]}\n{row}"
-                out.append(partial(client.send, frames[key], mid=mid))
+                badge = badges[count] if visible and count else ""
+                out.append(partial(client.send, f"{frames[key]}{badge}", mid=mid))
 
     @staticmethod
     def _delivery_row(conversation, peer, unread: int):
