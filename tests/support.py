@@ -168,12 +168,9 @@ class RedisServer:
 
 
 def shown_badge(html: str, cid: int) -> str:
-    """Return the unread badge a page shows for a conversation after this frame ("" if hidden).
-
-    A live frame may carry the row's own badge and then the member's badge as a later
-    out-of-band element; htmx applies them in order, so the last one is what shows.
-    """
-    found = re.findall(rf'<span (?:hx-swap-oob="true" )?id="unread-{cid}" class="badge" (hidden)?>(\d*)</span>', html)
-    assert found, f"no badge for conversation {cid}"
-    hidden, text = found[-1]
-    return "" if hidden else text
+    """Return the text of a frame's one unread badge for a conversation ("" when hidden at 0)."""
+    found = re.findall(rf'<span id="unread-{cid}" class="badge" (hidden)?>(\d*)</span>', html)
+    assert len(found) == 1 and html.count(f'id="unread-{cid}"') == 1, f"not one badge for conversation {cid}"
+    hidden, text = found[0]
+    assert bool(hidden) == (text == ""), "a badge is hidden exactly when it is empty"
+    return text

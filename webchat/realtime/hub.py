@@ -415,28 +415,29 @@ class Hub:
         if viewing:
             for uid in mark_read_for(cid, viewing, mid):
                 unread[uid] = 0
-        # A frame is the message and, unless hidden, the member's list row, each rendered once
-        # per language (a 1:1's row once per side), then the member's own badge: a group's
-        # row is not rendered again for every member. Macros, not pages: no page context.
+        # A frame is the message and, unless hidden, the member's list row with their own badge.
+        # The message is rendered once per language, the row around the badge once per
+        # language (a 1:1's once per side), each badge once per count: a group's row is not
+        # rendered again for every member. Macros, not pages: no page context is built.
         macros = _macros()
         items: dict[str, str] = {}
+        rows: dict[tuple, tuple[str, str]] = {}
         frames: dict[tuple, str] = {}
-        badges: dict[int, str] = {}
         for uid, count in unread.items():
             visible = hidden[uid] is None or hidden[uid] < mid
             peer = None if conversation.is_group else next((p for pid, p in people.items() if pid != uid), None)
-            if visible and count and count not in badges:
-                badges[count] = macros.badge_oob(cid, count)
             for client in self.clients_of(uid):
                 key = (visible, peer.id if peer else None, client.locale)
-                if key not in frames:
+                if (key, count) not in frames:
                     with force_locale(client.locale):
                         if client.locale not in items:
                             items[client.locale] = macros.message_oob(message)
-                        row = macros.row_oob(self._delivery_row(conversation, peer, 0)) if visible else ""
-                    frames[key] = f"{items[client.locale]}\n{row}"
-                badge = badges[count] if visible and count else ""
-                out.append(partial(client.send, f"{frames[key]}{badge}", mid=mid))
+                        if visible and key not in rows:
+                            row = self._delivery_row(conversation, peer, count)
+                            rows[key] = (macros.row_oob_start(row), macros.row_oob_end())
+                    row_html = f"{rows[key][0]}{macros.badge(cid, count)}{rows[key][1]}" if visible else ""
+                    frames[key, count] = f"{items[client.locale]}\n{row_html}"
+                out.append(partial(client.send, frames[key, count], mid=mid))
 
     @staticmethod
     def _delivery_row(conversation, peer, unread: int):
