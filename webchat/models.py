@@ -130,11 +130,6 @@ class Conversation(db.Model):
 
     __table_args__ = (Index("ix_conversations_last_message_at", "last_message_at"),)
 
-    @property
-    def direct_member_ids(self) -> list[int]:
-        """Return the two members of a 1:1, read from its key (no query)."""
-        return [int(uid) for uid in (self.direct_key or "").split(":") if uid]
-
 
 class Membership(db.Model):
     """A user's place in a conversation; hidden while no message is newer than hidden_through."""

@@ -555,7 +555,7 @@ _MEMBER_STATES = _member_states_statement()
 def member_states(cid: int) -> dict[int, MemberState]:
     """Return every member's hidden state, exact unread count, name and avatar, in one query.
 
-    A send runs it after its writes, in its own transaction, and the message's event carries
+    A send runs it after its writes, in the same transaction, and the message's event carries
     the result: the processes that push the message then need no query at all. Run after the
     conversation row is locked by the send's update, it counts every message committed before
     this one's (senders to one conversation commit one at a time).
