@@ -167,6 +167,26 @@ def test_bad_message_is_a_clear_4xx(app, setup, data, status):
     assert htmx.status_code == status and htmx.headers["HX-Retarget"] == "#flash"
 
 
+def test_a_non_members_image_is_refused_before_it_is_decoded(app, setup, monkeypatch):
+    from webchat.models import Image
+    from webchat.services import images
+
+    decoded = []
+    real = images.encode_image
+    monkeypatch.setattr(images, "encode_image", lambda data: decoded.append(1) or real(data))
+    response = as_user(app, "dave").post(f"/conversations/{setup['direct']}/messages",
+                                         data={"body": "x", "image": (io.BytesIO(image_bytes("JPEG")), "p.jpg")},
+                                         content_type="multipart/form-data")
+    assert response.status_code == 404 and decoded == []
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(Image)) == 0
+    # A member's upload goes through the same decoding (so the check above can fail).
+    ok = as_user(app, "alice").post(f"/conversations/{setup['direct']}/messages",
+                                    data={"body": "", "image": (io.BytesIO(image_bytes("JPEG")), "p.jpg")},
+                                    content_type="multipart/form-data")
+    assert ok.status_code == 303 and decoded == [1]
+
+
 def test_image_message_and_membership_checked_serving(app, setup):
     client = as_user(app, "alice")
     response = client.post(f"/conversations/{setup['direct']}/messages",

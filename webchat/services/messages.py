@@ -147,7 +147,8 @@ def _send_statement():
 
 
 _SEND = _send_statement()
-_INSERT = insert(_messages).values({name: bindparam(f"p_{name}") for name in _MESSAGE_COLUMNS}).returning(_messages.c.id)
+_INSERT = (insert(_messages).values({name: bindparam(f"p_{name}") for name in _MESSAGE_COLUMNS})
+           .returning(_messages.c.id))
 _MOVE_LAST, _MOVE_READ = _moves(bindparam("p_mid"))
 
 
@@ -190,9 +191,14 @@ def send_to(user_id: int, conversation_id, body: str | None, image=None,
     """Send to a conversation by id, checking that the user is an active member (NotFound if not).
 
     The routes and socket frames send this way: on PostgreSQL the check costs no query of its
-    own, it is part of the send's statement.
+    own, it is part of the send's statement. With an image it comes first: nobody gets an
+    upload decoded for a conversation they are not in.
     """
-    return _send(user_id, parse_id(conversation_id, _l("No such conversation.")), body, image, client_id)
+    cid = parse_id(conversation_id, _l("No such conversation."))
+    if has_file(image):
+        conversation, membership = get_conversation_for(user_id, cid, with_user=True)
+        return send_message(membership.user, conversation, body, image, client_id)
+    return _send(user_id, cid, body, image, client_id)
 
 
 def _send(sender_id: int, conversation_id: int, body: str | None, image, client_id: str | None, *,
