@@ -136,7 +136,8 @@ def test_websocket_message_frame_sends(app, servers, chat):
     bob.close()
 
 
-def test_a_disabled_accounts_message_frame_is_refused_and_its_socket_closed(app, servers, chat):
+@pytest.mark.parametrize("kind", ["message", "join", "typing"])
+def test_a_disabled_accounts_frame_is_refused_and_its_socket_closed(app, servers, chat, kind):
     a, _b = servers
     bob = Socket(a, http_login(a.url, "bob"))
     time.sleep(0.3)
@@ -146,7 +147,7 @@ def test_a_disabled_accounts_message_frame_is_refused_and_its_socket_closed(app,
         # Disabled behind the app's back: the event that would close the socket never comes.
         db.session.get(User, chat["bob"]).is_disabled = True
         db.session.commit()
-    bob.send(type="message", conversation_id=chat["direct"], body="after disabling", client_id="d1")
+    bob.send(type=kind, conversation_id=chat["direct"], body="after disabling", client_id="d1")
     bob.ws.settimeout(5)
     opcode, data = bob.ws.recv_data(control_frame=True)
     while opcode != websocket.ABNF.OPCODE_CLOSE:

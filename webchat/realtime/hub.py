@@ -20,6 +20,7 @@ import redis
 from flask import Flask, current_app, render_template
 from flask_babel import force_locale
 from flask_babel import lazy_gettext as _l
+from markupsafe import Markup
 from sqlalchemy import select
 
 from ..extensions import db
@@ -420,8 +421,8 @@ class Hub:
         # language (a 1:1's once per side), each badge once per count: a group's row is not
         # rendered again for every member. Macros, not pages: no page context is built.
         macros = _macros()
-        items: dict[str, str] = {}
-        rows: dict[tuple, tuple[str, str]] = {}
+        items: dict[str, Markup] = {}
+        rows: dict[tuple, tuple[Markup, Markup]] = {}
         frames: dict[tuple, str] = {}
         for uid, count in unread.items():
             visible = hidden[uid] is None or hidden[uid] < mid
@@ -435,8 +436,12 @@ class Hub:
                         if visible and key not in rows:
                             row = self._delivery_row(conversation, peer, count)
                             rows[key] = (macros.row_oob_start(row), macros.row_oob_end())
-                    row_html = f"{rows[key][0]}{macros.badge(cid, count)}{rows[key][1]}" if visible else ""
-                    frames[key, count] = f"{items[client.locale]}\n{row_html}"
+                    # Markup concatenation: the parts are rendered fragments, and anything else
+                    # joined to them would be escaped.
+                    frame = items[client.locale] + Markup("\n")
+                    if visible:
+                        frame += rows[key][0] + macros.badge(cid, count) + rows[key][1]
+                    frames[key, count] = str(frame)
                 out.append(partial(client.send, frames[key, count], mid=mid))
 
     @staticmethod

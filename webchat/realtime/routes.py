@@ -10,11 +10,11 @@ from flask_babel import gettext as _
 from flask_login import current_user
 
 from ..extensions import db, sock
-from ..services import MAX_ID, DomainError
+from ..services import MAX_ID, DomainError, NotFound
 from ..services import accounts
 from ..services import conversations as convs
 from ..services import messages as msgs
-from . import bp, bus
+from . import bp
 from .hub import Client, hub
 
 
@@ -73,16 +73,16 @@ def handle_frame(client: Client, raw) -> str | None:
                                                               with_user=True)
         user = membership.user
         if user.is_disabled:
-            client.close(1008, "account closed")
-            return None
+            raise NotFound(_("No such conversation."))
         if kind == "join":
             client.joined = conversation.id
             convs.mark_read(user.id, conversation)
         else:
-            bus.typing(conversation.id, user.id, user.name)
+            convs.announce_typing(user, conversation)
     except DomainError as exc:
         if exc.status == 404 and not accounts.is_active(client.user_id):
-            client.close(1008, "account closed")  # refused because the account is gone or disabled
+            # Refused because the account is gone or disabled (its close event may have been lost).
+            client.close(1008, "account closed")
             return None
         return _error_frame(exc.message, "not_found" if exc.status == 404 else "invalid")
     except Exception:  # a frame must never take the socket down

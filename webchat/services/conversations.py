@@ -354,12 +354,17 @@ class ConversationRow:
         return (self.sort_time - _EPOCH) // timedelta(microseconds=1)
 
 
+def _unread_for_pointer():
+    """The rule for a member's unread messages: texts from others past their read pointer (an Unread row)."""
+    return and_(Message.conversation_id == Unread.conversation_id, Message.id > Unread.last_read_message_id,
+                Message.kind == "text", Message.sender_id != Unread.user_id)
+
+
 def unread_counts(user_id: int, conversation_ids=None) -> dict[int, int]:
     """Return exact unread counts by conversation for a user (messages from others past the pointer)."""
     query = (
         select(Message.conversation_id, func.count())
-        .join(Unread, and_(Unread.conversation_id == Message.conversation_id, Unread.user_id == user_id))
-        .where(Message.id > Unread.last_read_message_id, Message.kind == "text", Message.sender_id != user_id)
+        .join(Unread, and_(_unread_for_pointer(), Unread.user_id == user_id))
         .group_by(Message.conversation_id)
     )
     if conversation_ids is not None:
@@ -494,10 +499,8 @@ def rows_for_members(cid: int, user_ids) -> dict[int, ConversationRow | None]:
         return {}
     counts = dict(db.session.execute(
         select(Unread.user_id, func.count(Message.id))
-        .join(Message, and_(Message.conversation_id == Unread.conversation_id,
-                            Message.id > Unread.last_read_message_id))
-        .where(Unread.conversation_id == cid, Unread.user_id.in_(user_ids), Message.kind == "text",
-               Message.sender_id != Unread.user_id)
+        .join(Message, _unread_for_pointer())
+        .where(Unread.conversation_id == cid, Unread.user_id.in_(user_ids))
         .group_by(Unread.user_id)
     ).all())
     people = {}
@@ -533,12 +536,7 @@ class MemberState(NamedTuple):
 
 
 def _member_states_statement():
-    unread = (
-        select(func.count(Message.id))
-        .where(Message.conversation_id == bindparam("cid"), Message.id > Unread.last_read_message_id,
-               Message.kind == "text", Message.sender_id != Unread.user_id)
-        .correlate(Unread).scalar_subquery()
-    )
+    unread = select(func.count(Message.id)).where(_unread_for_pointer()).correlate(Unread).scalar_subquery()
     return (
         select(Membership.user_id, Membership.hidden_through, unread, User.name, User.avatar_id)
         .join(Unread, and_(Unread.conversation_id == Membership.conversation_id,
@@ -606,6 +604,13 @@ def mark_read_for(cid: int, user_ids, upto: int, *, notify: bool = True) -> set[
         for uid in sorted(moved):
             bus.conversation_read(cid, uid)
     return moved
+
+
+def announce_typing(user: User, conversation: Conversation) -> None:
+    """Tell the conversation's other viewers that this member is typing (nothing is stored)."""
+    from ..realtime import bus
+
+    bus.typing(conversation.id, user.id, user.name)
 
 
 def ids_for_usernames(text: str) -> list[int]:
