@@ -378,6 +378,52 @@ def test_a_peer_that_stops_reading_is_dropped_and_does_not_hold_up_others(app, c
         server.stop()
 
 
+def test_socket_writes_are_whole_frames_even_when_the_peer_reads_slowly():
+    """simple-websocket writes a frame with one send(), which may write only part of it."""
+    import socket as pysocket
+    import threading
+
+    from webchat.realtime.hub import WholeWrites
+
+    server_end, peer = pysocket.socketpair()
+    try:
+        server_end.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_SNDBUF, 4096)
+        server_end.settimeout(5)  # as under gevent: wait until writable, then one send()
+        frames = [bytes([65 + i]) * 200_000 for i in range(4)]
+        # The library's own call on this socket writes less than a frame:
+        assert server_end.send(frames[0]) < len(frames[0])
+        server_end.close()
+        server_end, peer = pysocket.socketpair()
+        server_end.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_SNDBUF, 4096)
+        server_end.settimeout(5)
+        whole = WholeWrites(server_end)
+        received = bytearray()
+
+        def read():
+            while len(received) < sum(map(len, frames)):
+                chunk = peer.recv(65536)
+                if not chunk:
+                    return
+                received.extend(chunk)
+                time.sleep(0.001)  # a slow reader keeps the window small
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        writers = [threading.Thread(target=whole.send, args=(frame,)) for frame in frames]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join(30)
+        reader.join(30)
+        # Every frame arrived whole and unbroken by another (in whichever order the writers ran).
+        assert len(received) == sum(map(len, frames))
+        runs = [received[i:i + 200_000] for i in range(0, len(received), 200_000)]
+        assert sorted(bytes(run) for run in runs) == frames
+    finally:
+        server_end.close()
+        peer.close()
+
+
 @pytest.mark.parametrize("frame", [
     '{"type": "message", "conversation_id": 1, "body": 5}',
     '{"type": "message", "conversation_id": 1, "body": "x", "client_id": 7}',

@@ -4,17 +4,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from datetime import datetime
-from types import SimpleNamespace
-
-import socket
 from collections.abc import Callable
 from contextlib import nullcontext
+from datetime import datetime
 from functools import partial
+from types import SimpleNamespace
 
 import redis
 from flask import Flask, current_app, render_template
@@ -58,6 +57,30 @@ def _macros():
     building a template context (and Flask's page context) for each one.
     """
     return current_app.jinja_env.get_template("chat/_macros.html").module
+
+
+class WholeWrites:
+    """A socket whose ``send`` writes all of its bytes, one caller at a time.
+
+    simple-websocket 1.1.0 writes each frame with one ``socket.send`` and ignores a short write
+    (simple-websocket issue #45): under gevent, when the peer's TCP window is nearly full, the
+    rest of the frame is dropped and the next frame starts inside it, which corrupts the stream.
+    Its reader thread also writes (pongs, the closing frame), so the writes share a lock.
+    """
+
+    def __init__(self, sock) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, data, flags: int = 0) -> int:
+        with self._lock:
+            self._sock.sendall(data, flags)
+        return len(data)
+
+    sendall = send
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
 
 
 class Client:
