@@ -246,6 +246,26 @@ def test_handshake_refusals(servers, chat, case):
     assert info.value.status_code == expected
 
 
+def test_the_handshake_declines_compression(servers, chat):
+    """Browsers offer permessage-deflate; the server answers without any extension."""
+    a, _b = servers
+    client = http_login(a.url, "alice")
+    ws = websocket.create_connection(
+        a.url.replace("http", "ws") + "/ws", origin=a.url, timeout=10,
+        header=[f"Cookie: {cookie_header(client)}",
+                "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"])
+    try:
+        assert ws.getstatus() == 101
+        assert "sec-websocket-extensions" not in {k.lower() for k in ws.getheaders()}
+        mid = send_http(a, client, chat["direct"], "plain frames")
+        ws.settimeout(10)
+        while f"message-{mid}" not in (frame := ws.recv()):  # an uncompressed frame reads as text
+            pass
+        assert "plain frames" in frame
+    finally:
+        ws.close()
+
+
 def test_logout_closes_that_sessions_sockets(servers, chat):
     a, b = servers
     client = http_login(a.url, "alice")

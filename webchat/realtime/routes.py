@@ -35,6 +35,10 @@ def check_handshake():
         abort(403)
     if not current_user.is_authenticated or accounts.is_session_revoked(session.get("sid")):
         abort(401)
+    # Decline permessage-deflate (browsers always offer it; simple-websocket would accept): its zlib
+    # state costs about 90 KB a socket once a frame has gone out, and deflating every frame for every
+    # socket costs CPU on the push path. Frames stay plain; one encoding serves every socket.
+    request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
 
 
 def _error_frame(message: str, code: str = "bad_request") -> str:
