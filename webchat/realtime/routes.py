@@ -15,7 +15,7 @@ from ..services import accounts
 from ..services import conversations as convs
 from ..services import messages as msgs
 from . import bp
-from .hub import Client, WholeWrites, hub
+from .hub import Client, hub
 
 
 def _origin_allowed(origin: str) -> bool:
@@ -99,7 +99,6 @@ def handle_frame(client: Client, raw) -> str | None:
 @sock.route("/ws", bp=bp)
 def ws(socket):
     """Stream this user's live frames; accept message, join and typing frames."""
-    socket.sock = WholeWrites(socket.sock)
     client = Client(socket, current_user.id, session.get("sid"), str(get_locale()),
                     send_timeout=current_app.config["WS_SEND_TIMEOUT"])
     after = request.args.get("after", type=int)
