@@ -86,6 +86,30 @@ def test_last_message_is_fixed_up_when_everything_expires(pair):
     assert (run.messages_deleted, run.batches) == (3, 2)
 
 
+@pytest.mark.parametrize("conversations", [2, 6])
+def test_fixing_up_last_messages_costs_the_same_for_any_number_of_conversations(
+        pair, count_queries, conversations):
+    alice, bob, direct = pair
+    cids, kept = [direct.id], {}
+    for i in range(conversations - 1):
+        cids.append(convs.find_or_create_direct(alice, make_user(f"peer{i}")).id)
+    for n, cid in enumerate(cids):
+        conversation = db.session.get(Conversation, cid)
+        old = msgs.send_message(alice, conversation, f"old {n}")[0]
+        age([old.id], 30)
+        if n % 2:  # every other conversation keeps a newer message
+            kept[cid] = msgs.send_message(alice, conversation, f"kept {n}")[0]
+    db.session.execute(db.delete(Message).where(Message.body.like("old %")))
+    with count_queries() as counter:
+        convs.refresh_last_message(cids)
+    db.session.commit()
+    assert counter.count == 3  # the newest ids, those messages, one UPDATE for all
+    for cid in cids:
+        row = db.session.execute(select(Conversation.last_message_id, Conversation.last_message_text)
+                                 .where(Conversation.id == cid)).one()
+        assert tuple(row) == ((kept[cid].id, kept[cid].body) if cid in kept else (None, ""))
+
+
 def test_a_second_overlapping_run_returns_at_once(pair):
     alice, bob, direct = pair
     ids = [msgs.send_message(alice, direct, "old")[0].id]

@@ -296,7 +296,7 @@ def refresh_last_message(conversation_ids) -> None:
     """Point each conversation's last message at its newest remaining message, or at nothing.
 
     Two reads for all of them (the newest ids, then those messages with their senders), then
-    one UPDATE per conversation, each with its own values.
+    one UPDATE statement by primary key with each conversation's own values (an executemany).
     """
     from .messages import preview_of
 
@@ -308,6 +308,7 @@ def refresh_last_message(conversation_ids) -> None:
     ).scalars().all()
     newest = {m.conversation_id: m for m in db.session.scalars(
         select(Message).options(joinedload(Message.sender)).where(Message.id.in_(newest_ids)))} if newest_ids else {}
+    rows = []
     for cid in cids:
         message = newest.get(cid)
         values = dict(last_message_id=None, last_message_text="", last_message_image=False, last_message_at=None)
@@ -315,9 +316,10 @@ def refresh_last_message(conversation_ids) -> None:
             values = dict(last_message_id=message.id, last_message_text=preview_of(message),
                           last_message_image=message.image_id is not None and not message.body,
                           last_message_at=message.created_at)
-        db.session.execute(update(Conversation).where(Conversation.id == cid).values(**values)
-                           .execution_options(synchronize_session=False))
-        sync_loaded(Conversation, cid, values)
+        rows.append({"id": cid, **values})
+    db.session.execute(update(Conversation), rows)
+    for row in rows:
+        sync_loaded(Conversation, row["id"], {k: v for k, v in row.items() if k != "id"})
 
 
 @dataclass
