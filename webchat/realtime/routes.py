@@ -33,7 +33,9 @@ def check_handshake():
     # Browsers always send Origin on WebSocket handshakes; a cross-site one is hijacking.
     if origin is not None and not _origin_allowed(origin):
         abort(403)
-    if not current_user.is_authenticated or accounts.is_session_revoked(session.get("sid")):
+    # A signed-out session's copied cookie was already signed out by the app's
+    # ensure_socket_session_id hook (it runs before this one).
+    if not current_user.is_authenticated:
         abort(401)
     # Decline permessage-deflate (browsers always offer it; simple-websocket would accept): its zlib
     # state costs about 90 KB a socket once a frame has gone out, and deflating every frame for every

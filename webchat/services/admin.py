@@ -250,6 +250,14 @@ def _page_number(page, total: int, per_page: int) -> int:
     return min(max(page, 1), last)
 
 
+def _fetch_page(statement, page, per_page: int) -> tuple[list, int, int]:
+    """One page of an ordered statement's rows (the page number kept within what exists) and the total."""
+    total = db.session.scalar(select(func.count()).select_from(statement.order_by(None).subquery()))
+    page = _page_number(page, total, per_page)
+    items = db.session.scalars(statement.limit(per_page).offset((page - 1) * per_page)).all()
+    return items, page, total
+
+
 def search_users(query: str = "", page=1, per_page: int = PER_PAGE) -> Page:
     """Return a page of users whose username or nickname contains the query (disabled ones too)."""
     base = select(User)
@@ -258,10 +266,7 @@ def search_users(query: str = "", page=1, per_page: int = PER_PAGE) -> Page:
         pattern = _like(query)
         base = base.where(or_(func.lower(User.username).like(pattern, escape="\\"),
                               func.lower(User.name).like(pattern, escape="\\")))
-    total = db.session.scalar(select(func.count()).select_from(base.subquery()))
-    page = _page_number(page, total, per_page)
-    users = db.session.scalars(
-        base.order_by(func.lower(User.username)).limit(per_page).offset((page - 1) * per_page)).all()
+    users, page, total = _fetch_page(base.order_by(func.lower(User.username)), page, per_page)
     ids = [u.id for u in users]
     counts = dict(db.session.execute(
         select(Membership.user_id, func.count()).where(Membership.user_id.in_(ids)).group_by(Membership.user_id)
@@ -405,12 +410,9 @@ def search_conversations(query: str = "", page=1, per_page: int = PER_PAGE) -> P
                                   func.lower(User.name).like(pattern, escape="\\"))))
         base = base.where(or_(Conversation.id.in_(with_member),
                               func.lower(Conversation.name).like(pattern, escape="\\")))
-    total = db.session.scalar(select(func.count()).select_from(base.subquery()))
-    page = _page_number(page, total, per_page)
-    rows = db.session.scalars(
+    rows, page, total = _fetch_page(
         base.order_by(func.coalesce(Conversation.last_message_at, Conversation.created_at).desc(),
-                      Conversation.id.desc())
-        .limit(per_page).offset((page - 1) * per_page)).all()
+                      Conversation.id.desc()), page, per_page)
     return Page(_summaries(rows), page, per_page, total)
 
 
