@@ -368,3 +368,76 @@ def test_htmx_page_requests_get_fragments(app, setup):
         html = client.get(url, headers=HX).get_data(as_text=True)
         assert "<html" not in html and "<head>" not in html and "<!doctype" not in html, url
     assert 'id="conversation-list"' in client.get("/", headers=HX).get_data(as_text=True)
+
+
+def _is_pg(app) -> bool:
+    with app.app_context():
+        return db.engine.dialect.name == "postgresql"
+
+
+def test_a_send_reads_no_user_row(app, setup, count_queries):
+    client = login_client(app, "alice")  # signing in writes "last seen": the send does not
+    token = client.csrf_token()  # (the test client fetches it from a page otherwise)
+    counter = count_queries()
+    with counter:
+        response = client.post(f"/conversations/{setup['direct']}/messages",
+                               data={"body": "no row", "csrf_token": token}, headers=HX)
+    assert response.status_code == 201 and "no row" in response.get_data(as_text=True)
+    assert not [s for s in counter.statements if re.search(r"FROM users\s+WHERE users\.id = ", s)], "\n".join(s[:150] for s in counter.statements)
+    # PostgreSQL: the send statement (membership, active account, writes) and the members' states.
+    assert counter.count == (2 if _is_pg(app) else 5), "\n".join(s[:150] for s in counter.statements)
+
+
+@pytest.mark.parametrize("headers, status", [({}, 303), (HX, 401)])
+def test_a_disabled_account_cannot_send_with_its_old_cookie(app, setup, headers, status):
+    client = login_client(app, "bob")
+    with app.app_context():
+        db.session.get(User, setup["bob"]).is_disabled = True
+        db.session.commit()
+    response = client.post(f"/conversations/{setup['direct']}/messages", data={"body": "after disabling"},
+                           headers=headers)
+    assert response.status_code == status
+    if status == 303:
+        assert "/auth/login" in response.headers["Location"]
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).where(Message.body == "after disabling")) == 0
+
+
+def test_a_signed_out_sessions_copied_cookie_cannot_send(app, setup):
+    client = login_client(app, "alice")
+    copied = client.get_cookie("session").value
+    client.post("/auth/logout")
+    thief = app.test_client()
+    thief.set_cookie("session", copied)
+    response = thief.post(f"/conversations/{setup['direct']}/messages", data={"body": "with a copy"})
+    assert response.status_code == 303 and "/auth/login" in response.headers["Location"]
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).where(Message.body == "with a copy")) == 0
+
+
+def test_last_seen_is_written_at_most_once_in_five_minutes(app, setup, count_queries):
+    from webchat.extensions import redis_store
+
+    client = login_client(app, "carol")
+    token = client.csrf_token()
+    with app.app_context():
+        redis_store.client.delete(f"webchat:seen:{setup['carol']}")  # as if signed in long ago
+    counter = count_queries()
+    with counter:
+        for _ in range(3):
+            assert client.post(f"/conversations/{setup['group']}/messages",
+                               data={"body": "hi", "csrf_token": token}).status_code == 303
+    seen = [s for s in counter.statements if s.lstrip().upper().startswith("UPDATE USERS")]
+    assert len(seen) == 1, counter.statements
+    with app.app_context():
+        db.session.get(User, setup["dave"]).is_disabled = True
+        db.session.commit()
+        redis_store.client.delete(f"webchat:seen:{setup['dave']}")
+        before = db.session.get(User, setup["dave"]).last_seen_at
+    # A disabled account's old cookie is not "seen" (its requests are refused).
+    with app.app_context():
+        from webchat.services.accounts import mark_seen
+
+        mark_seen(setup["dave"])
+        db.session.expire_all()
+        assert db.session.get(User, setup["dave"]).last_seen_at == before

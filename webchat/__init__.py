@@ -153,7 +153,10 @@ def _init_extensions(app: Flask) -> None:
     babel.init_app(app, locale_selector=_select_locale)
     hub.init_app(app)
 
-    login_manager.init_app(app)
+    # Flask-Login's own context processor reads the user's row for every template, used or not;
+    # the proxy reads it when a template does (pages do, a sent message's fragment does not).
+    login_manager.init_app(app, add_context_processor=False)
+    app.context_processor(lambda: {"current_user": current_user})
     login_manager.login_view = "auth.login"
     login_manager.login_message = None
     login_manager.session_protection = "basic"
@@ -168,6 +171,16 @@ def _init_extensions(app: Flask) -> None:
         if is_htmx() or request.path.startswith("/ws"):
             return _("Please sign in."), 401
         return redirect(url_for("auth.login", next=request.full_path.rstrip("?")), 303)
+
+
+def signed_in_user_id() -> int | None:
+    """The signed-in user's id from the session cookie, without reading the user's row.
+
+    Only for routes whose service checks the account itself (a send checks the sender is an
+    active member in its own statement); anything else uses Flask-Login's current_user.
+    """
+    user_id = session.get("_user_id")  # where Flask-Login keeps it
+    return int(user_id) if isinstance(user_id, str) and user_id.isdigit() else None
 
 
 def is_htmx() -> bool:
@@ -265,35 +278,28 @@ def _register_request_hooks(app: Flask) -> None:
                                    message=_("The request contains a NUL character.")), 400
 
     @app.before_request
-    def ensure_socket_session_id() -> None:
-        # Each signed-in browser session gets an id so logout can close exactly its sockets,
-        # and a copy of a signed-out session's cookie is refused everywhere.
+    def check_signed_in_session() -> None:
+        # A signed-in browser session gets an id so logout can close exactly its sockets; a copy
+        # of a signed-out session's cookie is refused everywhere; and "last seen" is written at
+        # most once per user per 5 minutes. One Redis round trip and no user row: a route that
+        # needs only the user's id (sending) never reads it.
         if request.endpoint == "static":
             return
         from flask_login import logout_user
 
-        from .services.accounts import is_session_revoked
+        from .services.accounts import check_session, mark_seen
 
-        if current_user.is_authenticated:
-            if "sid" not in session:
-                session["sid"] = secrets.token_urlsafe(12)
-            elif is_session_revoked(session["sid"]):
-                logout_user()
-                session.clear()
-
-    @app.before_request
-    def touch_last_seen() -> None:
-        # At most one UPDATE per user per 5 minutes: "active today" and "last seen" stay true
-        # for people who stay signed in, at almost no cost.
-        from datetime import timedelta
-
-        from .models import utcnow
-
-        if request.endpoint != "static" and current_user.is_authenticated:
-            seen, now = current_user.last_seen_at, utcnow()
-            if seen is None or now - seen > timedelta(minutes=5):
-                current_user.last_seen_at = now
-                db.session.commit()
+        user_id = signed_in_user_id()
+        if user_id is None:
+            return
+        if "sid" not in session:
+            session["sid"] = secrets.token_urlsafe(12)
+        revoked, seen_due = check_session(session["sid"], user_id)
+        if revoked:
+            logout_user()
+            session.clear()
+        elif seen_due:
+            mark_seen(user_id)
 
     @app.context_processor
     def template_helpers():

@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..extensions import db
 from ..models import Conversation, Image, Membership, Message, User, utcnow
-from . import DomainError, transaction
+from . import DomainError, sync_loaded, transaction
 from .images import has_file, store_upload
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
@@ -85,6 +85,7 @@ def authenticate(username: str, password: str) -> User | None:
         user.password_hash = hash_password(password)
     user.last_seen_at = utcnow()
     db.session.commit()
+    _seen_window_starts(user.id)
     return user
 
 
@@ -207,15 +208,43 @@ def revoke_session(sid: str) -> None:
     bus.close_session(sid)
 
 
-def is_session_revoked(sid: str | None) -> bool:
-    """Say whether a session id was signed out (a copied cookie must not keep a socket)."""
+SEEN_EVERY = 300  # seconds: "last seen" is written at most once per user per 5 minutes
+
+
+def check_session(sid: str | None, user_id: int) -> tuple[bool, bool]:
+    """For a signed-in request, one Redis round trip: was this session signed out, and is the
+    user's "last seen" due to be written? Without Redis: neither (the cookie still works)."""
     import redis
 
     from ..extensions import redis_store
 
-    if not sid:
-        return False
     try:
-        return bool(redis_store.client.exists(f"webchat:revoked:{sid}"))
+        pipe = redis_store.client.pipeline(transaction=False)
+        if sid:
+            pipe.exists(f"webchat:revoked:{sid}")
+        pipe.set(f"webchat:seen:{user_id}", 1, nx=True, ex=SEEN_EVERY)
+        replies = pipe.execute()
     except (redis.RedisError, OSError):
-        return False
+        return False, False
+    return (bool(replies[0]) if sid else False), bool(replies[-1])
+
+
+def _seen_window_starts(user_id: int) -> None:
+    """Note in Redis that "last seen" was just written (signing in writes it)."""
+    import redis
+
+    from ..extensions import redis_store
+
+    try:
+        redis_store.client.set(f"webchat:seen:{user_id}", 1, ex=SEEN_EVERY)
+    except (redis.RedisError, OSError):
+        pass
+
+
+def mark_seen(user_id: int) -> None:
+    """Write an active user's "last seen" time (one UPDATE, committed)."""
+    now = utcnow()
+    db.session.execute(update(User).where(User.id == user_id, User.is_disabled.is_(False)).values(last_seen_at=now)
+                       .execution_options(synchronize_session=False))
+    sync_loaded(User, user_id, {"last_seen_at": now})
+    db.session.commit()

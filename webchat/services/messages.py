@@ -9,6 +9,7 @@ from flask_babel import lazy_gettext as _l
 from sqlalchemy import and_, bindparam, false, func, insert, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload, make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 
 from ..extensions import db
 from ..models import Conversation, Membership, Message, Unread, User, utcnow
@@ -245,6 +246,14 @@ def _send(sender_id: int, conversation_id: int, body: str | None, image, client_
     # Written without the ORM: hand the session the row as it is in the database (no reload).
     make_transient_to_detached(message)
     db.session.add(message)
+    # The fragment shows the sender's name and avatar, which the statement returned: no read of
+    # the user's row for them (its other columns load if anything asks).
+    sender = sender or db.session.identity_map.get(db.session.identity_key(User, sender_id))
+    if sender is None:
+        sender = User(id=sender_id, name=target["sender_name"], avatar_id=target["sender_avatar"])
+        make_transient_to_detached(sender)
+        db.session.add(sender)
+    set_committed_value(message, "sender", sender)
     from ..realtime import bus
 
     bus.publish(event)
