@@ -10,7 +10,7 @@ from werkzeug.datastructures import FileStorage
 from tests.conftest import image_bytes, make_user
 from webchat.extensions import db
 from webchat.models import Conversation, Image, Membership, Message, Unread, User
-from webchat.services import DomainError, Forbidden, NotFound
+from webchat.services import AccountClosed, DomainError, Forbidden, NotFound
 from webchat.services import conversations as convs
 from webchat.services import messages as msgs
 
@@ -400,3 +400,21 @@ def test_deleting_a_user_hands_on_their_groups_in_queries_that_do_not_grow_with_
         convs.create_group(many_user, f"G{i}", [bob.id, carol.id])
         convs.create_group(carol, f"H{i}", [many_user.id, bob.id])
     assert _delete_and_count(app, count_queries, db.session.get(User, many_user.id)) <= few
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_acting_by_id_tells_a_closed_account_from_a_non_member(people, with_image):
+    alice, bob, dave = people["alice"], people["bob"], people["dave"]
+    direct = convs.find_or_create_direct(alice, bob)
+    image = upload() if with_image else None
+    with pytest.raises(NotFound):  # an active user who is not a member
+        msgs.send_to(dave.id, direct.id, "not mine", upload() if with_image else None)
+    with pytest.raises(NotFound):
+        convs.get_active_membership(dave.id, direct.id)
+    bob.is_disabled = True
+    db.session.commit()
+    with pytest.raises(AccountClosed):
+        msgs.send_to(bob.id, direct.id, "after disabling", image)
+    with pytest.raises(AccountClosed):
+        convs.get_active_membership(bob.id, direct.id)
+    assert count(Message, Message.body.in_(["not mine", "after disabling"])) == 0

@@ -8,7 +8,7 @@ from .. import is_htmx, refusal, signed_in_user_id
 from ..extensions import login_manager, redis_store
 from ..models import User
 from ..realtime.hub import online_user_ids
-from ..services import DomainError, accounts
+from ..services import AccountClosed, DomainError
 from ..services import conversations as convs
 from ..services import messages as msgs
 from ..services.images import image_for
@@ -149,9 +149,9 @@ def send(cid: int):
     try:
         message, created = msgs.send_to(user_id, cid, request.form.get("body"),
                                         request.files.get("image"), request.form.get("client_id"))
+    except AccountClosed:
+        return login_manager.unauthorized()  # a disabled or deleted account, as on every route
     except DomainError as exc:
-        if exc.status == 404 and not accounts.is_active(user_id):
-            return login_manager.unauthorized()  # a disabled or deleted account, as on every route
         return _fail(exc, lambda **kw: _chat_page(cid, **kw))
     status = 201 if created else 200
     if is_htmx():

@@ -10,8 +10,7 @@ from flask_babel import gettext as _
 from flask_login import current_user
 
 from ..extensions import db, sock
-from ..services import MAX_ID, DomainError, NotFound
-from ..services import accounts
+from ..services import MAX_ID, AccountClosed, DomainError
 from ..services import conversations as convs
 from ..services import messages as msgs
 from . import bp
@@ -34,7 +33,7 @@ def check_handshake():
     if origin is not None and not _origin_allowed(origin):
         abort(403)
     # A signed-out session's copied cookie was already signed out by the app's
-    # ensure_socket_session_id hook (it runs before this one).
+    # check_signed_in_session hook (it runs before this one).
     if not current_user.is_authenticated:
         abort(401)
     # Decline permessage-deflate (browsers always offer it; simple-websocket would accept): its zlib
@@ -73,23 +72,19 @@ def handle_frame(client: Client, raw) -> str | None:
             msgs.send_to(client.user_id, frame.get("conversation_id"), frame.get("body"), None,
                          frame.get("client_id"))
             return None
-        # The member's user comes with the membership check: one query, and a disabled
-        # account is caught here even if the event that closes its sockets was lost.
-        conversation, membership = convs.get_conversation_for(client.user_id, frame.get("conversation_id"),
-                                                              with_user=True)
+        # The member's user comes with the membership check: one query.
+        conversation, membership = convs.get_active_membership(client.user_id, frame.get("conversation_id"))
         user = membership.user
-        if user.is_disabled:
-            raise NotFound(_("No such conversation."))
         if kind == "join":
             client.joined = conversation.id
             convs.mark_read(user.id, conversation)
         else:
             convs.announce_typing(user, conversation)
+    except AccountClosed:
+        # Disabled or deleted since the socket opened (its close event may have been lost).
+        client.close(1008, "account closed")
+        return None
     except DomainError as exc:
-        if exc.status == 404 and not accounts.is_active(client.user_id):
-            # Refused because the account is gone or disabled (its close event may have been lost).
-            client.close(1008, "account closed")
-            return None
         return _error_frame(exc.message, "not_found" if exc.status == 404 else "invalid")
     except Exception:  # a frame must never take the socket down
         db.session.rollback()

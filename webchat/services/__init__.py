@@ -22,6 +22,35 @@ class Forbidden(DomainError):
     status = 403
 
 
+class AccountClosed(DomainError):
+    """The account acting is disabled or deleted (its session or socket outlived it).
+
+    Callers sign it out rather than show a message: HTTP sends to sign-in, a socket closes 1008.
+    """
+
+    status = 401
+
+
+@contextmanager
+def as_active_member(user_id: int):
+    """Run a member's action; a refusal because the account itself is closed becomes AccountClosed.
+
+    NotFound stays the answer for a non-member. Paths that act on a user id without loading the
+    user (a send, a socket frame) learn this way that the account is gone, even when the event
+    that should have closed its sockets was lost. The account is looked up only on a refusal.
+    """
+    try:
+        yield
+    except NotFound:
+        from flask_babel import lazy_gettext as _l
+
+        from .accounts import is_active
+
+        if not is_active(user_id):
+            raise AccountClosed(_l("Please sign in.")) from None
+        raise
+
+
 def sync_loaded(model, pk, values: dict) -> None:
     """Give a row's new column values to its object if this session has it loaded.
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import joinedload
 
 from ..extensions import db
 from ..models import Conversation, Image, Membership, Message, Unread, User, utcnow
-from . import DomainError, Forbidden, NotFound, parse_id, sync_loaded, transaction
+from . import AccountClosed, DomainError, Forbidden, NotFound, as_active_member, parse_id, sync_loaded, transaction
 from .images import has_file, store_upload
 
 MAX_GROUP_OTHERS = 200
@@ -44,6 +44,16 @@ def get_conversation_for(user_id: int, cid, *, with_user: bool = False) -> tuple
         # Same answer whether it does not exist or the user is not in it.
         raise NotFound(_l("No such conversation."))
     return row[0], row[1]
+
+
+def get_active_membership(user_id: int, cid) -> tuple[Conversation, Membership]:
+    """get_conversation_for with the member's user, for callers holding only a user id (socket
+    frames): NotFound for a non-member, AccountClosed for a disabled or deleted account."""
+    with as_active_member(user_id):
+        conversation, membership = get_conversation_for(user_id, cid, with_user=True)
+    if membership.user.is_disabled:
+        raise AccountClosed(_l("Please sign in."))
+    return conversation, membership
 
 
 def _add_member(conversation: Conversation, user_id: int, role: str = "member") -> Membership:

@@ -13,7 +13,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from ..extensions import db
 from ..models import Conversation, Membership, Message, Unread, User, utcnow
-from . import MAX_ID, DomainError, NotFound, parse_id, sync_loaded
+from . import MAX_ID, DomainError, NotFound, as_active_member, parse_id, sync_loaded
 from .conversations import get_conversation_for, member_states
 from .images import has_file, store_upload
 
@@ -189,17 +189,20 @@ def send_message(sender: User, conversation: Conversation, body: str | None, ima
 
 def send_to(user_id: int, conversation_id, body: str | None, image=None,
             client_id: str | None = None) -> tuple[Message, bool]:
-    """Send to a conversation by id, checking that the user is an active member (NotFound if not).
+    """Send to a conversation by id, checking that the user is an active member.
+
+    A non-member gets NotFound; a disabled or deleted account, AccountClosed.
 
     The routes and socket frames send this way: on PostgreSQL the check costs no query of its
     own, it is part of the send's statement. With an image it comes first: nobody gets an
     upload decoded for a conversation they are not in.
     """
     cid = parse_id(conversation_id, _l("No such conversation."))
-    if has_file(image):
-        conversation, membership = get_conversation_for(user_id, cid, with_user=True)
-        return send_message(membership.user, conversation, body, image, client_id)
-    return _send(user_id, cid, body, image, client_id)
+    with as_active_member(user_id):  # a disabled or deleted sender: AccountClosed
+        if has_file(image):
+            conversation, membership = get_conversation_for(user_id, cid, with_user=True)
+            return send_message(membership.user, conversation, body, image, client_id)
+        return _send(user_id, cid, body, image, client_id)
 
 
 def _send(sender_id: int, conversation_id: int, body: str | None, image, client_id: str | None, *,
