@@ -478,7 +478,7 @@ class Hub:
         # rendered again for every member. Macros, not pages: no page context is built.
         macros = _macros()
         items: dict[str, Markup] = {}
-        rows: dict[tuple, tuple[Markup, Markup]] = {}
+        rows: dict[tuple, Markup] = {}
         frames: dict[tuple, str] = {}
         for uid, count in unread.items():
             visible = hidden[uid] is None or hidden[uid] < mid
@@ -490,14 +490,10 @@ class Hub:
                         if client.locale not in items:
                             items[client.locale] = macros.message_oob(message)
                         if visible and key not in rows:
-                            row = self._delivery_row(conversation, peer, count)
-                            rows[key] = (macros.row_oob_start(row), macros.row_oob_end())
-                    # Markup concatenation: the parts are rendered fragments, and anything else
-                    # joined to them would be escaped.
-                    frame = items[client.locale] + Markup("\n")
-                    if visible:
-                        frame += rows[key][0] + macros.badge(cid, count) + rows[key][1]
-                    frames[key, count] = Frame(frame)
+                            rows[key] = macros.row_oob_start(self._delivery_row(conversation, peer, count))
+                    frames[key, count] = Frame(macros.message_frame(
+                        items[client.locale], rows[key] if visible else None,
+                        macros.badge(cid, count) if visible else None))
                 out.append(partial(client.send, frames[key, count], mid=mid))
 
     @staticmethod
