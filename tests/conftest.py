@@ -4,11 +4,13 @@ from __future__ import annotations
 import io
 import os
 import re
+import time
 
 import pytest
 from flask.testing import FlaskClient
 from PIL import Image as PILImage
 from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
 
 from webchat import create_app
 from webchat.config import TestConfig
@@ -61,7 +63,17 @@ def clean_state(app):
     with app.app_context():
         tables = [t.name for t in reversed(db.metadata.sorted_tables)]
         if db.engine.dialect.name == "postgresql":
-            db.session.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+            # The previous test's background work (a hub thread planning an event) may still be
+            # reading: TRUNCATE can deadlock with it and lose. It finishes; try again.
+            for attempt in range(5):
+                try:
+                    db.session.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+                    break
+                except OperationalError:
+                    db.session.rollback()
+                    if attempt == 4:
+                        raise
+                    time.sleep(0.2)
         else:
             for name in tables:
                 db.session.execute(text(f"DELETE FROM {name}"))
