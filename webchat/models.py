@@ -121,6 +121,8 @@ class Conversation(db.Model):
     last_message_text: Mapped[str] = mapped_column(String(200), default="")
     last_message_image: Mapped[bool] = mapped_column(Boolean, default=False)
     last_message_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # How many text messages it holds: a member's unread count is this minus their read_count.
+    text_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     memberships: Mapped[list[Membership]] = relationship(
@@ -158,9 +160,12 @@ class Membership(db.Model):
 
 
 class Unread(db.Model):
-    """A member's read pointer: messages with a larger id (from others) are unread.
+    """A member's read pointer: text messages from others with a larger id are unread.
 
-    Sending writes no row here for the recipients; the count is computed exactly from messages.
+    read_count is how many of the conversation's text messages the member has read (up to the
+    pointer, or their own), so the unread count is the conversation's text_count minus
+    read_count: no counting of messages, and sending writes no row here for the recipients.
+    services.conversations keeps both exact.
     """
 
     __tablename__ = "unreads"
@@ -168,6 +173,7 @@ class Unread(db.Model):
     conversation_id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(primary_key=True)
     last_read_message_id: Mapped[int] = mapped_column(BigId, default=0)
+    read_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     read_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     membership: Mapped[Membership] = relationship(back_populates="unread")

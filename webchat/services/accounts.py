@@ -122,7 +122,7 @@ def delete_user(user: User) -> list[int]:
     Groups they own pass to the longest-standing other member, or are deleted when empty.
     Does not commit: callers wrap it in their transaction.
     """
-    from .conversations import delete_conversation_rows, refresh_last_message
+    from .conversations import delete_conversation_rows, forget_texts, refresh_last_message
 
     affected: set[int] = set()
     direct_ids = db.session.scalars(
@@ -165,6 +165,7 @@ def delete_user(user: User) -> list[int]:
     touched = db.session.scalars(
         select(Message.conversation_id).where(Message.sender_id == user.id).distinct()
     ).all()
+    forget_texts(Message.sender_id == user.id)
     db.session.execute(delete(Message).where(Message.sender_id == user.id))
     if image_ids:
         db.session.execute(delete(Image).where(Image.id.in_(image_ids)))

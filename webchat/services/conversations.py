@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
 from flask_babel import lazy_gettext as _l
-from sqlalchemy import and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload
 
@@ -59,7 +59,9 @@ def get_active_membership(user_id: int, cid) -> tuple[Conversation, Membership]:
 def _add_member(conversation: Conversation, user_id: int, role: str = "member") -> Membership:
     membership = Membership(conversation=conversation, user_id=user_id, role=role)
     # New members start with everything so far read: no badge for history.
-    membership.unread = Unread(user_id=user_id, last_read_message_id=conversation.last_message_id or 0)
+    pointer = conversation.last_message_id or 0
+    read_count = read_count_at(conversation.id, pointer, user_id) if conversation.id is not None else 0
+    membership.unread = Unread(user_id=user_id, last_read_message_id=pointer, read_count=read_count)
     db.session.add(membership)
     return membership
 
@@ -366,21 +368,102 @@ class ConversationRow:
         return (self.sort_time - _EPOCH) // timedelta(microseconds=1)
 
 
-def _unread_for_pointer():
-    """The rule for a member's unread messages: texts from others past their read pointer (an Unread row)."""
-    return and_(Message.conversation_id == Unread.conversation_id, Message.id > Unread.last_read_message_id,
-                Message.kind == "text", Message.sender_id != Unread.user_id)
+def _unread_count():
+    """A member's exact unread count (an Unread row joined to its Conversation).
+
+    The conversation's text messages less those up to the member's pointer, which are kept as
+    counters (see models.Unread): reading it costs nothing however many messages are unread.
+    """
+    unread = Conversation.text_count - Unread.read_count
+    return case((unread > 0, unread), else_=0)
+
+
+def read_count_at(conversation_id, pointer, user_id):
+    """How many of a conversation's text messages a member has read at `pointer` (an SQL expression).
+
+    Read means up to the pointer, or their own. It is the conversation's text_count less the
+    others' texts after the pointer, read in one snapshot. A pointer moves to a recent message,
+    so few come after it: this does not count the history.
+    """
+    total = select(Conversation.text_count).where(Conversation.id == conversation_id).scalar_subquery()
+    after = (select(func.count()).select_from(Message)
+             .where(Message.conversation_id == conversation_id, Message.kind == "text", Message.id > pointer,
+                    Message.sender_id != user_id)
+             .scalar_subquery())
+    return total - after
+
+
+def recount_read_from(conversation_id: int, message_id: int) -> None:
+    """Recount read_count of the members whose pointer is at or past `message_id` (no commit).
+
+    A message that commits after one with a larger id lands behind pointers that had already
+    moved past it; their read counts now include one more message. Rare (two senders racing in
+    one conversation), so a send whose message did not become the newest runs this.
+    """
+    recounted = db.session.execute(
+        update(Unread)
+        .where(Unread.conversation_id == conversation_id, Unread.last_read_message_id >= message_id)
+        .values(read_count=read_count_at(conversation_id, Unread.last_read_message_id, Unread.user_id))
+        .returning(Unread.user_id, Unread.last_read_message_id, Unread.read_count)
+        .execution_options(synchronize_session=False)
+    ).all()
+    for uid, pointer, read_count in recounted:
+        sync_loaded(Unread, (conversation_id, uid), {"last_read_message_id": pointer, "read_count": read_count})
+
+
+def forget_texts(condition) -> None:
+    """Take the messages matching `condition` out of the unread counters; call before deleting them.
+
+    Each conversation loses them from its text_count, each member from their read_count those
+    they had read (at or before their pointer, or their own): unread counts stay exact after retention and account deletion.
+    No commit. Two statements, whatever the number of messages or members.
+    """
+    texts = and_(condition, Message.kind == "text")
+    touched = select(Message.conversation_id).where(texts)
+    db.session.execute(
+        update(Conversation).where(Conversation.id.in_(touched))
+        .values(text_count=Conversation.text_count - select(func.count()).select_from(Message).where(
+            texts, Message.conversation_id == Conversation.id).scalar_subquery())
+        .execution_options(synchronize_session=False)
+    )
+    db.session.execute(
+        update(Unread).where(Unread.conversation_id.in_(touched))
+        .values(read_count=Unread.read_count - select(func.count()).select_from(Message).where(
+            texts, Message.conversation_id == Unread.conversation_id,
+            or_(Message.id <= Unread.last_read_message_id, Message.sender_id == Unread.user_id)).scalar_subquery())
+        .execution_options(synchronize_session=False)
+    )
+
+
+def recount_unread(conversation_ids=None) -> None:
+    """Recompute the unread counters from the messages (all conversations, or these); no commit.
+
+    For rows written around the services (bulk loads, a repair): it counts every message, so
+    nothing on a request path calls it.
+    """
+    texts = select(func.count()).select_from(Message).where(
+        Message.conversation_id == Conversation.id, Message.kind == "text").scalar_subquery()
+    read = select(func.count()).select_from(Message).where(
+        Message.conversation_id == Unread.conversation_id, Message.kind == "text",
+        or_(Message.id <= Unread.last_read_message_id, Message.sender_id == Unread.user_id)).scalar_subquery()
+    conversations, unreads = update(Conversation).values(text_count=texts), update(Unread).values(read_count=read)
+    if conversation_ids is not None:
+        ids = list(conversation_ids)
+        conversations = conversations.where(Conversation.id.in_(ids))
+        unreads = unreads.where(Unread.conversation_id.in_(ids))
+    db.session.execute(conversations.execution_options(synchronize_session=False))
+    db.session.execute(unreads.execution_options(synchronize_session=False))
 
 
 def unread_counts(user_id: int, conversation_ids=None) -> dict[int, int]:
-    """Return exact unread counts by conversation for a user (messages from others past the pointer)."""
+    """Return exact unread counts by conversation for a user (only those above zero)."""
     query = (
-        select(Message.conversation_id, func.count())
-        .join(Unread, and_(_unread_for_pointer(), Unread.user_id == user_id))
-        .group_by(Message.conversation_id)
+        select(Unread.conversation_id, _unread_count())
+        .join(Conversation, Conversation.id == Unread.conversation_id)
+        .where(Unread.user_id == user_id, Conversation.text_count > Unread.read_count)
     )
     if conversation_ids is not None:
-        query = query.where(Message.conversation_id.in_(list(conversation_ids)))
+        query = query.where(Unread.conversation_id.in_(list(conversation_ids)))
     return {cid: count for cid, count in db.session.execute(query)}
 
 
@@ -510,10 +593,9 @@ def rows_for_members(cid: int, user_ids) -> dict[int, ConversationRow | None]:
     if not user_ids:
         return {}
     counts = dict(db.session.execute(
-        select(Unread.user_id, func.count(Message.id))
-        .join(Message, _unread_for_pointer())
+        select(Unread.user_id, _unread_count())
+        .join(Conversation, Conversation.id == Unread.conversation_id)
         .where(Unread.conversation_id == cid, Unread.user_id.in_(user_ids))
-        .group_by(Unread.user_id)
     ).all())
     people = {}
     if not conversation.is_group:
@@ -548,11 +630,11 @@ class MemberState(NamedTuple):
 
 
 def _member_states_statement():
-    unread = select(func.count(Message.id)).where(_unread_for_pointer()).correlate(Unread).scalar_subquery()
     return (
-        select(Membership.user_id, Membership.hidden_through, unread, User.name, User.avatar_id)
+        select(Membership.user_id, Membership.hidden_through, _unread_count(), User.name, User.avatar_id)
         .join(Unread, and_(Unread.conversation_id == Membership.conversation_id,
                            Unread.user_id == Membership.user_id))
+        .join(Conversation, Conversation.id == Membership.conversation_id)
         .join(User, User.id == Membership.user_id)
         .where(Membership.conversation_id == bindparam("cid"))
     )
@@ -602,20 +684,21 @@ def mark_read_for(cid: int, user_ids, upto: int, *, notify: bool = True) -> set[
         return set()
     values = {"last_read_message_id": upto, "read_at": utcnow()}
     with transaction():
-        moved = set(db.session.scalars(
+        moved = dict(db.session.execute(
             update(Unread)
             .where(Unread.conversation_id == cid, Unread.user_id.in_(user_ids),
                    Unread.last_read_message_id < upto)
-            .values(**values).returning(Unread.user_id).execution_options(synchronize_session=False)
+            .values(**values, read_count=read_count_at(cid, upto, Unread.user_id))
+            .returning(Unread.user_id, Unread.read_count).execution_options(synchronize_session=False)
         ).all())
-    for uid in moved:
-        sync_loaded(Unread, (cid, uid), values)
+    for uid, read_count in moved.items():
+        sync_loaded(Unread, (cid, uid), {**values, "read_count": read_count})
     if notify and moved:
         from ..realtime import bus
 
         for uid in sorted(moved):
             bus.conversation_read(cid, uid)
-    return moved
+    return set(moved)
 
 
 def announce_typing(user: User, conversation: Conversation) -> None:

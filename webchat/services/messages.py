@@ -6,7 +6,7 @@ from datetime import timedelta
 from flask_babel import force_locale
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
-from sqlalchemy import and_, bindparam, false, func, insert, or_, select, true, update
+from sqlalchemy import and_, bindparam, case, false, func, insert, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
@@ -14,7 +14,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from ..extensions import db
 from ..models import Conversation, Membership, Message, Unread, User, utcnow
 from . import MAX_ID, DomainError, NotFound, as_active_member, parse_id, sync_loaded
-from .conversations import get_conversation_for, member_states
+from .conversations import get_conversation_for, member_states, recount_read_from
 from .images import has_file, store_upload
 
 MAX_BODY = 4000
@@ -96,23 +96,35 @@ _memberships, _users = Membership.__table__, User.__table__
 _MESSAGE_COLUMNS = ("conversation_id", "sender_id", "kind", "body", "image_id", "client_id", "created_at")
 
 
-def _moves(new_id):
-    """The two conditional updates of a send, for a message id (a bind or the CTE's column).
+def _moves(new_id, counted, conversation_id=bindparam("p_conversation_id")):
+    """The two updates of a send, for a message id and its conversation (binds or CTE columns).
 
-    Conditional, so that two senders committing out of id order never move either backwards.
+    The conversation counts one more text message and moves its last message, unless a
+    message with a larger id committed first (two senders racing): ids never go backwards. It
+    returns its new text_count and whether the message became the newest ("moved"). The
+    sender's pointer moves to the message, and their read_count becomes `counted`.
     """
+    newer = or_(_conversations.c.last_message_id.is_(None), _conversations.c.last_message_id < new_id)
+
+    def if_newer(value, column):
+        return case((newer, value), else_=_conversations.c[column])
+
     last = (
         update(_conversations)
-        .where(_conversations.c.id == bindparam("p_conversation_id"),
-               or_(_conversations.c.last_message_id.is_(None), _conversations.c.last_message_id < new_id))
-        .values(last_message_id=new_id, last_message_text=bindparam("p_text"),
-                last_message_image=bindparam("p_image_only"), last_message_at=bindparam("p_created_at"))
+        .where(_conversations.c.id == conversation_id)
+        .values(text_count=_conversations.c.text_count + 1,
+                last_message_id=if_newer(new_id, "last_message_id"),
+                last_message_text=if_newer(bindparam("p_text"), "last_message_text"),
+                last_message_image=if_newer(bindparam("p_image_only"), "last_message_image"),
+                last_message_at=if_newer(bindparam("p_created_at"), "last_message_at"))
+        .returning(_conversations.c.id, _conversations.c.text_count,
+                   (_conversations.c.last_message_id == new_id).label("moved"))
     )
     read = (
         update(_unreads)
-        .where(_unreads.c.conversation_id == bindparam("p_conversation_id"),
+        .where(_unreads.c.conversation_id == conversation_id,
                _unreads.c.user_id == bindparam("p_sender_id"), _unreads.c.last_read_message_id < new_id)
-        .values(last_read_message_id=new_id, read_at=bindparam("p_created_at"))
+        .values(last_read_message_id=new_id, read_at=bindparam("p_created_at"), read_count=counted)
     )
     return last, read
 
@@ -120,8 +132,8 @@ def _moves(new_id):
 def _send_statement():
     """PostgreSQL: a whole send in one statement (one round trip).
 
-    It checks that the sender is an active member, inserts the message, moves the
-    conversation's last message and the sender's read pointer, and returns what the push
+    It checks that the sender is an active member, inserts the message, counts it and moves
+    the conversation's last message and the sender's read pointer, and returns what the push
     needs of the conversation and the sender. No row back: not a member (or not active).
     """
     target = (
@@ -136,28 +148,31 @@ def _send_statement():
     )
     values = select(*(bindparam(f"p_{name}", type_=_messages.c[name].type) for name in _MESSAGE_COLUMNS))
     inserted = (insert(_messages).from_select(_MESSAGE_COLUMNS, values.select_from(target))
-                .returning(_messages.c.id).cte("m"))
-    last, read = _moves(inserted.c.id)
-    last = last.returning(_conversations.c.id).cte("c")
+                .returning(_messages.c.id, _messages.c.conversation_id).cte("m"))
+    last, _ = _moves(inserted.c.id, None, inserted.c.conversation_id)
+    last = last.cte("c")
+    # The sender has read everything up to their message; when it is the newest, that is the
+    # conversation's new text_count (when not, the caller recounts: recount_read_from).
+    _, read = _moves(inserted.c.id, case((last.c.moved, last.c.text_count), else_=_unreads.c.read_count), last.c.id)
     read = read.returning(_unreads.c.user_id).cte("r")
     return (
-        select(inserted.c.id, select(func.count()).select_from(last).scalar_subquery().label("moved_last"),
+        select(inserted.c.id, last.c.moved.label("moved_last"), last.c.text_count,
                select(func.count()).select_from(read).scalar_subquery().label("moved_read"), target)
-        .select_from(target.join(inserted, true()))
+        .select_from(target.join(inserted, true()).join(last, true()))
     )
 
 
 _SEND = _send_statement()
 _INSERT = (insert(_messages).values({name: bindparam(f"p_{name}") for name in _MESSAGE_COLUMNS})
            .returning(_messages.c.id))
-_MOVE_LAST, _MOVE_READ = _moves(bindparam("p_mid"))
+_MOVE_LAST, _MOVE_READ = _moves(bindparam("p_mid"), bindparam("p_read_count"))
 
 
 def _write(values: dict, sender: User | None, conversation: Conversation | None) -> tuple[int, bool, bool, dict]:
-    """Write a message, the conversation's last message and the sender's read pointer.
+    """Write a message, count it, and move the conversation's last message and the sender's pointer.
 
-    Returns the new id, whether each update moved, and the conversation's and sender's fields
-    for the push. Core statements on the session's connection (same transaction), without the
+    Returns the new id, whether each update moved, and the conversation's new text_count and
+    its and the sender's fields for the push. Core statements on the session's connection (same transaction), without the
     ORM's unit of work: this is every send's cost. On PostgreSQL the membership check is part
     of the statement; elsewhere the caller passes the checked sender and conversation.
     """
@@ -166,19 +181,26 @@ def _write(values: dict, sender: User | None, conversation: Conversation | None)
         row = conn.execute(_SEND, values).one_or_none()
         if row is None:
             raise NotFound(_l("No such conversation."))
-        return row.id, bool(row.moved_last), bool(row.moved_read), row._asdict()
-    if sender is None or conversation is None:
-        conversation, membership = get_conversation_for(values["p_sender_id"], values["p_conversation_id"],
-                                                        with_user=True)
-        sender = membership.user
-    if sender.is_disabled:
-        raise NotFound(_l("No such conversation."))
-    mid = conn.execute(_INSERT, values).scalar_one()
-    values = {**values, "p_mid": mid}
-    moved_last, moved_read = conn.execute(_MOVE_LAST, values).rowcount, conn.execute(_MOVE_READ, values).rowcount
-    return mid, bool(moved_last), bool(moved_read), {
-        "is_group": conversation.is_group, "name": conversation.name, "image_id": conversation.image_id,
-        "created_at": conversation.created_at, "sender_name": sender.name, "sender_avatar": sender.avatar_id}
+        mid, moved_last, moved_read, target = row.id, bool(row.moved_last), bool(row.moved_read), row._asdict()
+    else:
+        if sender is None or conversation is None:
+            conversation, membership = get_conversation_for(values["p_sender_id"], values["p_conversation_id"],
+                                                            with_user=True)
+            sender = membership.user
+        if sender.is_disabled:
+            raise NotFound(_l("No such conversation."))
+        mid = conn.execute(_INSERT, values).scalar_one()
+        values = {**values, "p_mid": mid}
+        _, text_count, moved_last = conn.execute(_MOVE_LAST, values).one()
+        moved_read = conn.execute(_MOVE_READ, {**values, "p_read_count": text_count}).rowcount
+        target = {
+            "text_count": text_count, "is_group": conversation.is_group, "name": conversation.name, "image_id": conversation.image_id,
+            "created_at": conversation.created_at, "sender_name": sender.name, "sender_avatar": sender.avatar_id}
+    if not moved_last:
+        # A message with a larger id committed first: pointers already past this one (the
+        # sender's too) count it now.
+        recount_read_from(values["p_conversation_id"], mid)
+    return mid, bool(moved_last), bool(moved_read), target
 
 
 def send_message(sender: User, conversation: Conversation, body: str | None, image=None,
@@ -227,13 +249,15 @@ def _send(sender_id: int, conversation_id: int, body: str | None, image, client_
             "p_conversation_id": conversation_id, "p_sender_id": sender_id, "p_kind": "text", "p_body": body,
             "p_image_id": message.image_id, "p_client_id": client_id, "p_created_at": message.created_at,
             "p_text": text, "p_image_only": image_only}, sender, conversation)
+        sync_loaded(Conversation, conversation_id, {"text_count": target["text_count"]})
         if moved_last:
             sync_loaded(Conversation, conversation_id, {
                 "last_message_id": message.id, "last_message_text": text, "last_message_image": image_only,
                 "last_message_at": message.created_at})
-        if moved_read:
-            sync_loaded(Unread, (conversation_id, sender_id),
-                        {"last_read_message_id": message.id, "read_at": message.created_at})
+            if moved_read:
+                sync_loaded(Unread, (conversation_id, sender_id), {
+                    "last_read_message_id": message.id, "read_at": message.created_at,
+                    "read_count": target["text_count"]})
         event = _delivery(message, target)
         db.session.commit()
     except IntegrityError:

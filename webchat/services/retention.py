@@ -12,6 +12,7 @@ from sqlalchemy import delete, select, text
 
 from ..extensions import db, redis_store
 from ..models import Conversation, Image, Message, RetentionRun, utcnow
+from .conversations import forget_texts
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "webchat:retention:lock"
@@ -30,7 +31,7 @@ def purge_expired_messages(days: int, batch_size: int | None = None, trigger: st
     """Delete messages older than `days` days with their images; None if another run holds the lock.
 
     Each batch is one transaction that deletes up to `batch_size` of the oldest expired messages,
-    their images, and repoints the last message of the conversations that lost theirs, so an
+    their images, takes them out of the unread counters, and repoints the last message of the conversations that lost theirs, so an
     interrupted run leaves nothing half-deleted and the next run simply carries on.
     """
     if days < 1:
@@ -94,9 +95,20 @@ _PG_BATCH = text("""
         SELECT id FROM messages WHERE created_at < :cutoff ORDER BY id LIMIT :batch
     ), gone AS (
         DELETE FROM messages m USING doomed WHERE m.id = doomed.id
-        RETURNING m.id, m.conversation_id, m.image_id
+        RETURNING m.id, m.conversation_id, m.image_id, m.kind, m.sender_id
     ), images_gone AS (
         DELETE FROM images i USING gone WHERE i.id = gone.image_id RETURNING i.id
+    ), texts_gone AS (  -- the unread counters, as conversations.forget_texts keeps them
+        UPDATE conversations c SET text_count = c.text_count - g.n
+        FROM (SELECT conversation_id, count(*) AS n FROM gone WHERE kind = 'text' GROUP BY conversation_id) g
+        WHERE c.id = g.conversation_id RETURNING c.id
+    ), reads_gone AS (
+        UPDATE unreads u SET read_count = u.read_count - g.n
+        FROM (SELECT r.conversation_id, r.user_id, count(*) AS n
+              FROM gone JOIN unreads r ON r.conversation_id = gone.conversation_id
+                                      AND (gone.id <= r.last_read_message_id OR gone.sender_id = r.user_id)
+              WHERE gone.kind = 'text' GROUP BY r.conversation_id, r.user_id) g
+        WHERE u.conversation_id = g.conversation_id AND u.user_id = g.user_id RETURNING u.user_id
     )
     SELECT (SELECT count(*) FROM gone) AS messages,
            (SELECT count(*) FROM images_gone) AS images,
@@ -126,6 +138,7 @@ def _delete_batch(cutoff, batch_size: int):
     ids = [r.id for r in rows]
     image_ids = [r.image_id for r in rows if r.image_id]
     conversation_ids = {r.conversation_id for r in rows}
+    forget_texts(Message.id.in_(ids))
     db.session.execute(delete(Message).where(Message.id.in_(ids)))
     if image_ids:
         db.session.execute(delete(Image).where(Image.id.in_(image_ids)))

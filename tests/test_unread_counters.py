@@ -1,0 +1,190 @@
+"""Unread counts come from counters (conversations.text_count, unreads.read_count).
+
+Every test checks them against the definition, counted the slow way from the messages: a
+member's unread messages are the texts from others past their read pointer.
+"""
+import random
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+from flask_migrate import upgrade
+from sqlalchemy import and_, func, select, update
+
+from tests.conftest import make_user
+from webchat import create_app
+from webchat.config import TestConfig
+from webchat.extensions import db
+from webchat.models import Conversation, Membership, Message, Unread, User, utcnow
+from webchat.services import accounts
+from webchat.services import conversations as convs
+from webchat.services import messages as msgs
+from webchat.services.retention import purge_expired_messages
+
+
+def counted_the_slow_way() -> dict[tuple[int, int], int]:
+    """(conversation id, user id) -> unread, counted from the messages themselves."""
+    rows = db.session.execute(
+        select(Unread.conversation_id, Unread.user_id, func.count(Message.id))
+        .outerjoin(Message, and_(Message.conversation_id == Unread.conversation_id,
+                                 Message.id > Unread.last_read_message_id, Message.kind == "text",
+                                 Message.sender_id != Unread.user_id))
+        .group_by(Unread.conversation_id, Unread.user_id)
+    ).all()
+    return {(cid, uid): n for cid, uid, n in rows}
+
+
+def assert_counters_exact() -> None:
+    db.session.expire_all()
+    expected = counted_the_slow_way()
+    assert expected, "no members to check"
+    by_user: dict[int, dict[int, int]] = {}
+    for (cid, uid), n in expected.items():
+        if n:
+            by_user.setdefault(uid, {})[cid] = n
+    for uid in {uid for _, uid in expected}:
+        assert convs.unread_counts(uid) == by_user.get(uid, {}), f"user {uid}"
+    for cid in {cid for cid, _ in expected}:
+        states = convs.member_states(cid)
+        assert {uid: s.unread for uid, s in states.items()} == {
+            uid: n for (c, uid), n in expected.items() if c == cid}, f"conversation {cid}"
+        rows = convs.rows_for_members(cid, list(states))
+        assert {uid: row.unread for uid, row in rows.items() if row is not None} == {
+            uid: n for (c, uid), n in expected.items() if c == cid and rows.get(uid) is not None}
+    db.session.rollback()
+
+
+def age(message_ids, days):
+    db.session.execute(update(Message).where(Message.id.in_(message_ids)).values(
+        created_at=utcnow() - timedelta(days=days)))
+    db.session.commit()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_counters_match_the_definition_through_every_kind_of_change(app, ctx, seed):
+    """Sends, reads, new members, leaving, retention and account deletion, in a random order."""
+    rnd = random.Random(seed)
+    people = [make_user(f"user{i}") for i in range(8)]
+    group = convs.create_group(people[0], "G", [p.id for p in people[1:6]])
+    directs = [convs.find_or_create_direct(people[i], people[i + 1]) for i in range(0, 7, 2)]
+    conversations = [group, *directs]
+
+    def members(conversation):
+        return [db.session.get(User, uid) for uid in db.session.scalars(
+            select(Membership.user_id).where(Membership.conversation_id == conversation.id))]
+
+    for step in range(120):
+        conversation = db.session.get(Conversation, rnd.choice(conversations).id)
+        if conversation is None:  # deleted with an account
+            continue
+        present = members(conversation)
+        op = rnd.random()
+        if op < 0.6 and present:
+            msgs.send_message(rnd.choice(present), conversation, f"m{step}")
+        elif op < 0.75 and present:
+            convs.mark_read(rnd.choice(present).id, conversation)
+        elif op < 0.8 and conversation.is_group:
+            outside = [p for p in people if p.id not in {m.id for m in present}
+                       and db.session.get(User, p.id) is not None]
+            if outside:
+                convs.add_members(present[0] if present[0].id == conversation.owner_id
+                                  else db.session.get(User, conversation.owner_id), conversation,
+                                  [rnd.choice(outside).id])
+        elif op < 0.85 and conversation.is_group and len(present) > 3:
+            leaver = rnd.choice([m for m in present if m.id != conversation.owner_id])
+            convs.leave(leaver, conversation)
+        elif op < 0.95:
+            ids = db.session.scalars(select(Message.id).order_by(Message.id)).all()
+            if ids:
+                age(ids[: rnd.randint(1, max(1, len(ids) // 3))], 8)
+                purge_expired_messages(7)
+        elif step > 60:
+            victim = rnd.choice([p for p in people[1:] if db.session.get(User, p.id) is not None])
+            accounts.delete_user(db.session.get(User, victim.id))
+            db.session.commit()
+        if step % 10 == 0:
+            assert_counters_exact()
+    assert_counters_exact()
+    assert sum(counted_the_slow_way().values()) > 0, "nothing was left unread: the check proves little"
+
+
+def test_unread_stays_exact_past_a_large_backlog(app, ctx):
+    alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+    group = convs.create_group(alice, "G", [bob.id, carol.id])
+    for i in range(300):
+        msgs.send_message(carol if i % 3 == 2 else alice, group, f"m{i}")
+    assert convs.unread_counts(bob.id) == {group.id: 300}
+    assert convs.member_states(group.id)[alice.id].unread == 1  # carol's after alice's last
+    assert_counters_exact()
+
+
+def test_a_message_that_commits_behind_a_read_pointer_is_counted_as_read(app, ctx):
+    """Two senders race: the message with the larger id commits first and bob reads it; the
+    other then commits behind bob's pointer, so it is not unread for him (as if counted)."""
+    if db.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite gives ids in commit order: a message cannot commit behind another")
+    alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+    group = convs.create_group(alice, "G", [bob.id, carol.id])
+    msgs.send_message(alice, group, "first")
+    newest = db.session.scalar(select(func.max(Message.id)))
+    db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": newest + 100})
+    winner, _ = msgs.send_message(alice, group, "committed first")
+    convs.mark_read(bob.id, db.session.get(Conversation, group.id))
+    db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": newest})
+    late, _ = msgs.send_message(carol, group, "committed late")
+    assert late.id < winner.id
+    db.session.expire_all()
+    assert db.session.get(Conversation, group.id).last_message_id == winner.id
+    assert convs.unread_counts(bob.id) == {}
+    assert convs.unread_counts(carol.id) == {group.id: 1}  # alice's, after carol's own
+    assert_counters_exact()
+    db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": winner.id})
+    db.session.commit()
+
+
+def test_migration_fills_the_counters_from_existing_messages(app, tmp_path):
+    url = app.config["SQLALCHEMY_DATABASE_URI"]
+    if not url.startswith("sqlite"):
+        pytest.skip("the migration's SQL is the same on both; one backend is enough here")
+    config = TestConfig()
+    config.SQLALCHEMY_DATABASE_URI = f"sqlite:///{tmp_path}/counters.db"
+    other = create_app(config)
+    with other.app_context():
+        upgrade(revision="25332d6c0752")
+        run = db.session.execute
+        run(sa.text("INSERT INTO users (id, username, name, password_hash, remark, is_admin, is_disabled, created_at,"
+                    " updated_at) VALUES (1, 'a', 'A', 'x', '', 0, 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP),"
+                    " (2, 'b', 'B', 'x', '', 0, 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+        run(sa.text("INSERT INTO conversations (id, is_group, last_message_text, last_message_image, created_at)"
+                    " VALUES (1, 0, '', 0, CURRENT_TIMESTAMP)"))
+        run(sa.text("INSERT INTO memberships (conversation_id, user_id, role, joined_at) VALUES"
+                    " (1, 1, 'member', CURRENT_TIMESTAMP), (1, 2, 'member', CURRENT_TIMESTAMP)"))
+        for i in range(1, 8):  # texts 1..6 from a, then a system line
+            run(sa.text("INSERT INTO messages (id, conversation_id, sender_id, kind, body, created_at) VALUES"
+                        " (:i, 1, 1, :kind, 'x', CURRENT_TIMESTAMP)"), {"i": i, "kind": "text" if i < 7 else "system"})
+        run(sa.text("INSERT INTO unreads (conversation_id, user_id, last_read_message_id) VALUES (1, 1, 6), (1, 2, 2)"))
+        db.session.commit()
+        upgrade()
+        assert run(sa.text("SELECT text_count FROM conversations")).scalar() == 6
+        assert dict(run(sa.text("SELECT user_id, read_count FROM unreads")).all()) == {1: 6, 2: 2}
+        assert convs.unread_counts(2) == {1: 4} and convs.unread_counts(1) == {}
+        db.session.remove()
+        db.engine.dispose()
+
+
+def test_recount_repairs_counters_of_rows_written_around_the_services(app, ctx):
+    alice, bob = make_user("alice"), make_user("bob")
+    direct = convs.find_or_create_direct(alice, bob)
+    other = convs.find_or_create_direct(alice, make_user("carol"))
+    msgs.send_message(alice, direct, "one")
+    db.session.execute(sa.insert(Message).values(
+        [{"conversation_id": direct.id, "sender_id": alice.id, "kind": "text", "body": f"bulk {i}",
+          "created_at": utcnow()} for i in range(5)]))
+    db.session.commit()
+    assert convs.unread_counts(bob.id) == {direct.id: 1}  # the bulk rows are not counted yet
+    convs.recount_unread([other.id])
+    assert convs.unread_counts(bob.id) == {direct.id: 1}  # only the conversations asked for
+    convs.recount_unread([direct.id])
+    db.session.commit()
+    assert convs.unread_counts(bob.id) == {direct.id: 6}
+    assert_counters_exact()
