@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from . import servers
 from .clients import BenchSocket, Recorder, RelayTarget, Target, WebchatTarget, close_sockets, open_sockets
-from .seed import Topology, make_app, relay_world, webchat_world
+from .seed import Topology, add_backlog, make_app, relay_world, webchat_world
 from .profiling import Recording, summarise
 from .stats import PgActivitySampler, TreeSampler, fmt_cpu, fmt_latency, latency_summary, process_tree, wait_for_quiet
 
@@ -51,6 +51,8 @@ def add_world_args(parser) -> None:
                         help="relay-db: the relay writing each message to PostgreSQL first; "
                              "both: webchat and relay; all: webchat, relay-db and relay")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--backlog", type=int, default=0,
+                        help="webchat: messages put in each group first, unread by all but its owner (default 0)")
     parser.add_argument("--redis-url", help="use this Redis instead of a private redis-server")
     parser.add_argument("--keep-db", action="store_true", help="keep the scratch database")
     parser.add_argument("--profile", action="store_true",
@@ -307,8 +309,10 @@ def _run_target(name: str, args, runner) -> dict:
                     busy = settle(args)
                     return dict(asyncio.run(runner(run)), machine_busy_before=busy)
         with servers.scratch_database("webchat_bench", redis_url, keep=args.keep_db) as db_url:
-            world = webchat_world(make_app(db_url, redis_url), plan.users, plan.directs_per_user, plan.groups,
-                                  plan.group_size)
+            app = make_app(db_url, redis_url)
+            world = webchat_world(app, plan.users, plan.directs_per_user, plan.groups, plan.group_size)
+            if getattr(args, "backlog", 0):
+                add_backlog(app, world, args.backlog)
             server = servers.start_webchat(db_url, redis_url, port, args.workers)
             with servers.stopping(server):
                 run = Run(WebchatTarget(server.url), world, plan, server.pid)

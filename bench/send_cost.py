@@ -1,8 +1,10 @@
 """python bench/send_cost.py: one HTTP send's server cost, in-process (no sockets, no load generator).
 
 Flask's test client posts `--sends` messages to a 1:1 conversation as htmx does, on a scratch
-PostgreSQL database (created, migrated and dropped here) and the Redis at `--redis-url`. It prints
-the wall time per send (best of `--repeat` rounds; the process is alone on the CPU while it runs) and
+PostgreSQL database (created, migrated and dropped here) and the Redis at `--redis-url`. With
+`--group-size N` it sends to a group of N members instead, and `--backlog M` first puts M messages
+in the conversation that nobody but the sender has read (bulk-inserted, so every other member has M
+unread). It prints the wall time per send (best of `--repeat` rounds; the process is alone on the CPU while it runs) and
 the SQL statements one send issues. Run it with the app on the path: `PYTHONPATH=. .venv/bin/python
 bench/send_cost.py`; to measure another copy of the app, put that first instead:
 `PYTHONPATH=/tmp/webchat-snap-<commit> .venv/bin/python bench/send_cost.py`.
@@ -25,6 +27,8 @@ def main() -> None:
     parser.add_argument("--sends", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/13")
+    parser.add_argument("--group-size", type=int, default=2, help="members; above 2 a group, else a 1:1")
+    parser.add_argument("--backlog", type=int, default=0, help="messages unread by everyone but the sender")
     args = parser.parse_args()
 
     name = f"webchat_bench_send_{uuid.uuid4().hex[:8]}"
@@ -43,7 +47,7 @@ def main() -> None:
 def run(args) -> None:
     import webchat
     from flask_migrate import upgrade
-    from sqlalchemy import event
+    from sqlalchemy import event, text
 
     from webchat.extensions import db
     from webchat.models import User
@@ -54,11 +58,31 @@ def run(args) -> None:
     print(f"# app: {os.path.dirname(webchat.__file__)}")
     with app.app_context():
         upgrade()
-        users = [User(username=n, name=n.capitalize(), password_hash=accounts.hash_password("password123"))
-                 for n in ("alice", "bob")]
+        names = ["alice", "bob"] + [f"member{i}" for i in range(max(0, args.group_size - 2))]
+        password_hash = accounts.hash_password("password123")
+        users = [User(username=n, name=n.capitalize(), password_hash=password_hash) for n in names]
         db.session.add_all(users)
         db.session.commit()
-        cid = convs.find_or_create_direct(*users).id
+        if args.group_size > 2:
+            cid = convs.create_group(users[0], "Bench", [u.id for u in users[1:]]).id
+        else:
+            cid = convs.find_or_create_direct(*users).id
+        if args.backlog:
+            db.session.execute(text("""
+                INSERT INTO messages (conversation_id, sender_id, kind, body, created_at)
+                SELECT :cid, :sender, 'text', 'Backlog message ' || g, now() FROM generate_series(1, :n) AS g
+            """), {"cid": cid, "sender": users[0].id, "n": args.backlog})
+            db.session.execute(text("UPDATE conversations SET last_message_id = (SELECT max(id) FROM messages)"
+                                    " WHERE id = :cid"), {"cid": cid})
+            db.session.execute(text("UPDATE unreads SET last_read_message_id = (SELECT max(id) FROM messages)"
+                                    " WHERE conversation_id = :cid AND user_id = :sender"),
+                               {"cid": cid, "sender": users[0].id})
+            if hasattr(convs, "recount_unread"):  # the app keeps unread counters (not before 2026-11-27)
+                convs.recount_unread([cid])
+            db.session.commit()
+            db.session.execute(text("ANALYZE"))
+            db.session.commit()
+        print(f"# conversation: {args.group_size} members, backlog {args.backlog} unread per member")
     app.config["SESSION_COOKIE_SECURE"] = False  # the test client speaks plain http
     client = app.test_client()
 
