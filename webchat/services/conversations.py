@@ -371,8 +371,8 @@ class ConversationRow:
 def _unread_count():
     """A member's exact unread count (an Unread row joined to its Conversation).
 
-    The conversation's text messages less those up to the member's pointer, which are kept as
-    counters (see models.Unread): reading it costs nothing however many messages are unread.
+    The conversation's text messages less those the member has read, both kept as counters
+    (see models.Unread): reading it costs the same however many messages are unread.
     """
     unread = Conversation.text_count - Unread.read_count
     return case((unread > 0, unread), else_=0)
@@ -415,8 +415,9 @@ def forget_texts(condition) -> None:
     """Take the messages matching `condition` out of the unread counters; call before deleting them.
 
     Each conversation loses them from its text_count, each member from their read_count those
-    they had read (at or before their pointer, or their own): unread counts stay exact after retention and account deletion.
-    No commit. Two statements, whatever the number of messages or members.
+    they had read (at or before their pointer, or their own): unread counts stay exact after
+    retention and account deletion. No commit. Two statements, whatever the number of messages
+    or members.
     """
     texts = and_(condition, Message.kind == "text")
     touched = select(Message.conversation_id).where(texts)
