@@ -1,12 +1,14 @@
 """The push path in one process: what a published message event costs a listener (no query), and what it sends."""
+import io
 import json
 import time
 
 import pytest
 from sqlalchemy import create_engine, text
+from werkzeug.datastructures import FileStorage
 
 import webchat
-from tests.conftest import make_user
+from tests.conftest import image_bytes, make_user
 from tests.support import shown_badge
 from webchat.extensions import db, redis_store
 from webchat.models import Membership, User
@@ -108,6 +110,29 @@ def test_a_message_event_is_pushed_without_a_query(app, direct, count_queries):
     # The same message is not sent to a socket twice (a replay racing the live push).
     deliver(hub, raw, count_queries)
     assert len(alice_tabs[0].ws.frames) == 1
+
+
+def test_a_group_message_gives_each_member_their_badge_in_their_own_language(app, ctx, count_queries):
+    alice, bob, carol = make_user("alice", name="Alice"), make_user("bob", name="Bob"), make_user("carol")
+    group = convs.create_group(alice, "Team", [bob.id, carol.id])
+    msgs.send_message(alice, group, "before")
+    convs.mark_read(carol.id, group)  # carol has read it, bob has not
+    pubsub = listening()
+    image = FileStorage(io.BytesIO(image_bytes()), filename="p.png")
+    message, _created = msgs.send_message(alice, group, "", image)  # an image alone: "[Image]" in the row
+    raw = published(pubsub)
+    pubsub.close()
+    hub = Hub()
+    hub.init_app(app)
+    bob_en, bob_zh, carol_zh = attach(hub, bob.id), attach(hub, bob.id, "zh"), attach(hub, carol.id, "zh")
+    assert deliver(hub, raw, count_queries) == 0
+    frames = {name: tab.ws.frames[0] for name, tab in
+              (("bob_en", bob_en), ("bob_zh", bob_zh), ("carol_zh", carol_zh))}
+    assert all(f'id="message-{message.id}"' in frame for frame in frames.values())
+    assert "[Image]" in frames["bob_en"] and 'alt="Image"' in frames["bob_en"]
+    for name in ("bob_zh", "carol_zh"):
+        assert "[图片]" in frames[name] and 'alt="图片"' in frames[name] and "[Image]" not in frames[name]
+    assert [shown_badge(frames[name], group.id) for name in ("bob_en", "bob_zh", "carol_zh")] == ["2", "2", "1"]
 
 
 def test_a_hidden_conversation_comes_back_with_the_pushed_message(app, direct, count_queries):

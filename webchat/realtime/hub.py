@@ -475,26 +475,29 @@ class Hub:
         # A frame is the message and, unless hidden, the member's list row with their own badge.
         # The message is rendered once per language, the row around the badge once per
         # language (a 1:1's once per side), each badge once per count: a group's row is not
-        # rendered again for every member. Macros, not pages: no page context is built.
+        # rendered again for every member. Macros, not pages: no page context is built. Only
+        # the message and the row have words to translate: badges and frames are put together
+        # without switching the language (in a group nearly every member has their own count).
         macros = _macros()
         items: dict[str, Markup] = {}
-        rows: dict[tuple, Markup] = {}
+        rows: dict[tuple, Markup | None] = {}
         frames: dict[tuple, str] = {}
         for uid, count in unread.items():
             visible = hidden[uid] is None or hidden[uid] < mid
             peer = None if conversation.is_group else next((p for pid, p in people.items() if pid != uid), None)
             for client in self.clients_of(uid):
                 key = (visible, peer.id if peer else None, client.locale)
-                if (key, count) not in frames:
-                    with force_locale(client.locale):
-                        if client.locale not in items:
-                            items[client.locale] = macros.message_oob(message)
-                        if visible and key not in rows:
-                            rows[key] = macros.row_oob_start(self._delivery_row(conversation, peer, count))
-                    frames[key, count] = Frame(macros.message_frame(
-                        items[client.locale], rows[key] if visible else None,
-                        macros.badge(cid, count) if visible else None))
-                out.append(partial(client.send, frames[key, count], mid=mid))
+                frame = frames.get((key, count))
+                if frame is None:
+                    if key not in rows:
+                        with force_locale(client.locale):
+                            if client.locale not in items:
+                                items[client.locale] = macros.message_oob(message)
+                            rows[key] = (macros.row_oob_start(self._delivery_row(conversation, peer, count))
+                                         if visible else None)
+                    frame = frames[key, count] = Frame(macros.message_frame(
+                        items[client.locale], rows[key], macros.badge(cid, count) if visible else None))
+                out.append(partial(client.send, frame, mid=mid))
 
     @staticmethod
     def _delivery_row(conversation, peer, unread: int):
