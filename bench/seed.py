@@ -135,9 +135,10 @@ def add_backlog(app, world: Topology, per_group: int) -> None:
                 UPDATE conversations SET last_message_id = (SELECT max(id) FROM messages WHERE conversation_id = :cid),
                        last_message_text = 'Backlog message', last_message_at = now() WHERE id = :cid
             """), {"cid": group.cid})
-            db.session.execute(text("UPDATE unreads SET last_read_message_id = (SELECT last_message_id FROM"
-                                    " conversations WHERE id = :cid) WHERE conversation_id = :cid AND user_id = :owner"),
-                               {"cid": group.cid, "owner": owner})
+            db.session.execute(text("""
+                UPDATE unreads SET last_read_message_id = (SELECT last_message_id FROM conversations WHERE id = :cid)
+                WHERE conversation_id = :cid AND user_id = :owner
+            """), {"cid": group.cid, "owner": owner})
         if hasattr(convs, "recount_unread"):  # the app keeps unread counters (since 2026-11-27)
             convs.recount_unread([g.cid for g in world.groups])
         db.session.commit()

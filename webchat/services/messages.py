@@ -172,9 +172,10 @@ def _write(values: dict, sender: User | None, conversation: Conversation | None)
     """Write a message, count it, and move the conversation's last message and the sender's pointer.
 
     Returns the new id, whether each update moved, and the conversation's new text_count and
-    its and the sender's fields for the push. Core statements on the session's connection (same transaction), without the
-    ORM's unit of work: this is every send's cost. On PostgreSQL the membership check is part
-    of the statement; elsewhere the caller passes the checked sender and conversation.
+    its and the sender's fields for the push. Core statements on the session's connection (same
+    transaction), without the ORM's unit of work: this is every send's cost. On PostgreSQL the
+    membership check is part of the statement; elsewhere the caller passes the checked sender
+    and conversation.
     """
     conn = db.session.connection()
     if conn.dialect.name == "postgresql":
@@ -194,8 +195,9 @@ def _write(values: dict, sender: User | None, conversation: Conversation | None)
         _, text_count, moved_last = conn.execute(_MOVE_LAST, values).one()
         moved_read = conn.execute(_MOVE_READ, {**values, "p_read_count": text_count}).rowcount
         target = {
-            "text_count": text_count, "is_group": conversation.is_group, "name": conversation.name, "image_id": conversation.image_id,
-            "created_at": conversation.created_at, "sender_name": sender.name, "sender_avatar": sender.avatar_id}
+            "text_count": text_count, "is_group": conversation.is_group, "name": conversation.name,
+            "image_id": conversation.image_id, "created_at": conversation.created_at, "sender_name": sender.name,
+            "sender_avatar": sender.avatar_id}
     if not moved_last:
         # A message with a larger id committed first: pointers already past this one (the
         # sender's too) count it now.

@@ -30,9 +30,10 @@ class PurgeResult:
 def purge_expired_messages(days: int, batch_size: int | None = None, trigger: str = "cron") -> PurgeResult | None:
     """Delete messages older than `days` days with their images; None if another run holds the lock.
 
-    Each batch is one transaction that deletes up to `batch_size` of the oldest expired messages,
-    their images, takes them out of the unread counters, and repoints the last message of the conversations that lost theirs, so an
-    interrupted run leaves nothing half-deleted and the next run simply carries on.
+    Each batch is one transaction that deletes up to `batch_size` of the oldest expired messages
+    and their images, takes them out of the unread counters, and repoints the last message of
+    the conversations that lost theirs, so an interrupted run leaves nothing half-deleted and the
+    next run simply carries on.
     """
     if days < 1:
         raise ValueError("days must be at least 1")
