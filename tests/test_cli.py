@@ -45,3 +45,20 @@ def test_seed_demo_is_repeatable(app):
     with app.app_context():
         assert db.session.scalar(select(func.count()).select_from(User)) == 4
         assert db.session.scalar(select(func.count()).select_from(Conversation)) == 2
+
+
+def test_recount_unread_rebuilds_the_counters_of_messages_loaded_around_the_app(app, users):
+    from webchat.models import Message, utcnow
+    from webchat.services import conversations as convs
+
+    with app.app_context():
+        alice, bob = db.session.get(User, users["alice"]), db.session.get(User, users["bob"])
+        direct = convs.find_or_create_direct(alice, bob)
+        db.session.add_all([Message(conversation_id=direct.id, sender_id=alice.id, kind="text", body=f"loaded {i}",
+                                    created_at=utcnow()) for i in range(3)])
+        db.session.commit()
+        assert convs.unread_counts(bob.id) == {}  # loaded around the app: not counted yet
+    result = app.test_cli_runner().invoke(args=["recount-unread"])
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        assert convs.unread_counts(users["bob"]) == {direct.id: 3}

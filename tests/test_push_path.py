@@ -193,7 +193,7 @@ def test_group_members_each_get_their_own_badge(app, ctx, count_queries):
     assert badges == {alice.id: "", bob.id: "2", carol.id: "1"}
 
 
-def test_members_viewing_the_group_read_it_at_once_in_one_statement(app, ctx, count_queries):
+def test_members_viewing_the_group_read_it_at_once_in_one_update(app, ctx, count_queries):
     alice, bob, carol, dave = (make_user(n) for n in ("alice", "bob", "carol", "dave"))
     group = convs.create_group(alice, "Team", [bob.id, carol.id, dave.id])
     pubsub = listening()
@@ -205,8 +205,9 @@ def test_members_viewing_the_group_read_it_at_once_in_one_statement(app, ctx, co
     for client in viewers:
         client.joined = group.id
     elsewhere = attach(hub, dave.id)  # has the list open, not this conversation
-    # one UPDATE for both viewers (not one per viewer); the states came in the event
-    assert deliver(hub, raw, count_queries) == 1
+    # one UPDATE for both viewers (not one per viewer); the states came in the event. On PostgreSQL
+    # the conversation's lock is taken first (conversations.lock_conversations).
+    assert deliver(hub, raw, count_queries) == (2 if db.engine.dialect.name == "postgresql" else 1)
     for client in viewers:
         assert shown_badge(client.ws.frames[0], group.id) == ""
     assert shown_badge(elsewhere.ws.frames[0], group.id) == "1"

@@ -4,11 +4,13 @@ Every test checks them against the definition, counted the slow way from the mes
 member's unread messages are the texts from others past their read pointer.
 """
 import random
+import threading
+import time
 from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
-from flask_migrate import upgrade
+from flask_migrate import downgrade, upgrade
 from sqlalchemy import and_, func, select, update
 
 from tests.conftest import make_user
@@ -168,6 +170,10 @@ def test_migration_fills_the_counters_from_existing_messages(app, tmp_path):
         assert run(sa.text("SELECT text_count FROM conversations")).scalar() == 6
         assert dict(run(sa.text("SELECT user_id, read_count FROM unreads")).all()) == {1: 6, 2: 2}
         assert convs.unread_counts(2) == {1: 4} and convs.unread_counts(1) == {}
+        db.session.commit()
+        downgrade(revision="25332d6c0752")  # and back: the rows that refer to conversations stay
+        assert [run(sa.text(f"SELECT count(*) FROM {table}")).scalar() for table in
+                ("conversations", "memberships", "unreads", "messages")] == [1, 2, 2, 7]
         db.session.remove()
         db.engine.dispose()
 
@@ -188,3 +194,142 @@ def test_recount_repairs_counters_of_rows_written_around_the_services(app, ctx):
     db.session.commit()
     assert convs.unread_counts(bob.id) == {direct.id: 6}
     assert_counters_exact()
+
+
+# Races on PostgreSQL (SQLite runs one writer at a time). Each holds one transaction open at the
+# point where another used to slip in, then checks the counters against the messages.
+
+def _in_thread(app, name, work):
+    """Run work() in its own app context (and database session) on a thread; return the thread."""
+    failures = []
+
+    def run():
+        with app.app_context():
+            try:
+                work()
+            except Exception as exc:  # pragma: no cover - the test reports it
+                failures.append(exc)
+            finally:
+                db.session.remove()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.failures = failures
+    thread.start()
+    return thread
+
+
+def _pause(monkeypatch, module, name, thread_name):
+    """Make module.name stop in thread `thread_name` until released; return (paused, release)."""
+    paused, release, real = threading.Event(), threading.Event(), getattr(module, name)
+
+    def held(*args, **kwargs):
+        if threading.current_thread().name == thread_name:
+            paused.set()
+            release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, held)
+    return paused, release
+
+
+@pytest.fixture
+def pg_group(app, ctx):
+    if db.engine.dialect.name != "postgresql":
+        pytest.skip("a race between PostgreSQL transactions")
+    alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+    group = convs.create_group(alice, "G", [bob.id, carol.id])
+    return alice.id, bob.id, carol.id, group.id
+
+
+def test_a_read_waits_for_a_send_in_flight_and_counts_its_message(app, pg_group, monkeypatch):
+    alice_id, bob_id, carol_id, gid = pg_group
+    msgs.send_message(db.session.get(User, alice_id), db.session.get(Conversation, gid), "first")
+    newest = db.session.scalar(select(func.max(Message.id)))
+    db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": newest + 100})
+    winner, _ = msgs.send_message(db.session.get(User, alice_id), db.session.get(Conversation, gid), "first in")
+    db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": newest})
+    db.session.commit()
+    # carol's message (a smaller id) is written and held before its commit...
+    paused, release = _pause(monkeypatch, msgs, "_delivery", "late-send")
+    late = _in_thread(app, "late-send", lambda: msgs.send_message(
+        db.session.get(User, carol_id), db.session.get(Conversation, gid), "committed late"))
+    assert paused.wait(10)
+    # ...when bob reads up to alice's newer one (the hub does this for a viewer of the chat).
+    read = _in_thread(app, "read", lambda: convs.mark_read_for(gid, [bob_id], winner.id, notify=False))
+    read.join(0.5)
+    waited = read.is_alive()
+    release.set()
+    late.join(10)
+    read.join(10)
+    assert not late.failures and not read.failures
+    assert waited, "the read did not wait for the send in flight"
+    assert convs.unread_counts(bob_id) == {}  # carol's message is behind his pointer: read
+    assert_counters_exact()
+    db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": winner.id})
+    db.session.commit()
+
+
+def test_a_read_waits_for_a_retention_batch_in_flight(app, pg_group, monkeypatch):
+    alice_id, bob_id, carol_id, gid = pg_group
+    old, _ = msgs.send_message(db.session.get(User, alice_id), db.session.get(Conversation, gid), "old")
+    msgs.send_message(db.session.get(User, alice_id), db.session.get(Conversation, gid), "new")
+    age([old.id], 8)
+    # The batch has deleted "old" and corrected the counters, and is held before its commit...
+    paused, release = _pause(monkeypatch, convs, "refresh_last_message", "purge")
+    purge = _in_thread(app, "purge", lambda: purge_expired_messages(7))
+    assert paused.wait(10)
+    # ...when bob reads the conversation: his count must not include "old" (it is gone).
+    read = _in_thread(app, "read", lambda: convs.mark_read(bob_id, db.session.get(Conversation, gid), notify=False))
+    read.join(0.5)
+    waited = read.is_alive()
+    release.set()
+    purge.join(10)
+    read.join(10)
+    assert not purge.failures and not read.failures
+    assert waited, "the read did not wait for the retention batch in flight"
+    msgs.send_message(db.session.get(User, alice_id), db.session.get(Conversation, gid), "after")
+    assert convs.unread_counts(bob_id) == {gid: 1}
+    assert_counters_exact()
+
+
+def test_a_retention_batch_takes_its_locks_in_the_order_a_send_does(app, pg_group):
+    """A send locks the conversation, then its sender's unread row; the batch must not hold that
+    row while it waits for the conversation, or one of the two dies in a deadlock."""
+    alice_id, bob_id, carol_id, gid = pg_group
+    old, _ = msgs.send_message(db.session.get(User, alice_id), db.session.get(Conversation, gid), "old")
+    old_id = old.id
+    age([old_id], 8)
+    engine = sa.create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+    try:
+        with engine.connect() as send:
+            # The send's first update (the conversation's row), as its statement makes it.
+            send.execute(sa.text("UPDATE conversations SET text_count = text_count + 1 WHERE id = :g"), {"g": gid})
+            purge = _in_thread(app, "purge", lambda: purge_expired_messages(7))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not send.execute(sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'")).scalar():
+                time.sleep(0.05)  # until the batch waits for a lock the send holds
+            # Its second (the sender's unread row); then the send commits.
+            send.execute(sa.text("UPDATE unreads SET read_count = read_count WHERE conversation_id = :g"
+                                 " AND user_id = :u"), {"g": gid, "u": alice_id})
+            send.execute(sa.text("UPDATE conversations SET text_count = text_count - 1 WHERE id = :g"), {"g": gid})
+            send.commit()
+        purge.join(10)
+        assert not purge.failures, purge.failures
+    finally:
+        engine.dispose()
+    db.session.expire_all()
+    assert db.session.get(Message, old_id) is None
+    assert_counters_exact()
+
+
+def test_creating_a_group_inserts_its_members_read_state_in_one_statement(app, ctx, count_queries):
+    owner = make_user("owner")
+    others = [make_user(f"member{i}").id for i in range(30)]
+    counter = count_queries()
+    with counter:
+        group = convs.create_group(owner, "Big", others)
+    inserts = [s for s in counter.statements if s.lstrip().upper().startswith("INSERT INTO UNREADS")]
+    assert len(inserts) == 1, len(inserts)  # nothing to count in a new group: plain values, one executemany
+    assert convs.member_states(group.id)[others[0]].unread == 0

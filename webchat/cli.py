@@ -1,4 +1,4 @@
-"""flask commands: create-admin, seed-demo, purge-messages."""
+"""flask commands: create-admin, seed-demo, purge-messages, recount-unread."""
 from __future__ import annotations
 
 import click
@@ -76,3 +76,13 @@ def register_cli(app: Flask) -> None:
             raise click.ClickException("Another purge is running; try again later.")
         click.echo(f"Deleted {result.messages} messages and {result.images} images "
                    f"in {result.conversations} conversations ({result.batches} batches, {result.seconds:.2f}s).")
+
+    @app.cli.command("recount-unread")
+    def recount_unread() -> None:
+        """Rebuild every unread counter from the messages (after loading messages around the app)."""
+        from .services import transaction
+        from .services.conversations import recount_unread as recount
+
+        with transaction():
+            recount()
+        click.echo("Unread counters rebuilt from the messages.")

@@ -34,7 +34,7 @@ def upgrade():
 
 
 def downgrade():
-    with op.batch_alter_table("unreads") as batch:
-        batch.drop_column("read_count")
-    with op.batch_alter_table("conversations") as batch:
-        batch.drop_column("text_count")
+    # Plain DROP COLUMN (SQLite has it since 3.35): a batch copy would drop and recreate
+    # conversations, and with foreign keys on, SQLite deletes every row that refers to it.
+    op.drop_column("unreads", "read_count")
+    op.drop_column("conversations", "text_count")

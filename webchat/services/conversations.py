@@ -56,11 +56,27 @@ def get_active_membership(user_id: int, cid) -> tuple[Conversation, Membership]:
     return conversation, membership
 
 
+def lock_conversations(conversation_ids, *, share: bool = False) -> None:
+    """Lock these conversations' rows until the transaction ends, in id order (no commit).
+
+    What changes the unread counters takes its conversation's row first, as a send does by
+    updating it: a read (`share`) waits for sends in flight and sends wait for it, so each
+    computes its counter from a snapshot that has the others' messages; deletions and system
+    lines hold it exclusively. One order everywhere (conversation, then members' rows, lowest
+    id first) keeps them from deadlocking. PostgreSQL only: SQLite runs one writer at a time.
+    """
+    ids = sorted(set(conversation_ids))
+    if ids and db.session.get_bind().dialect.name == "postgresql":
+        db.session.execute(select(Conversation.id).where(Conversation.id.in_(ids)).order_by(Conversation.id)
+                           .with_for_update(read=share, key_share=not share))
+
+
 def _add_member(conversation: Conversation, user_id: int, role: str = "member") -> Membership:
     membership = Membership(conversation=conversation, user_id=user_id, role=role)
-    # New members start with everything so far read: no badge for history.
+    # New members start with everything so far read: no badge for history. (The caller holds
+    # the conversation's lock: see lock_conversations.)
     pointer = conversation.last_message_id or 0
-    read_count = read_count_at(conversation.id, pointer, user_id) if conversation.id is not None else 0
+    read_count = 0 if not pointer else read_count_at(conversation.id, pointer, user_id)
     membership.unread = Unread(user_id=user_id, last_read_message_id=pointer, read_count=read_count)
     db.session.add(membership)
     return membership
@@ -133,9 +149,14 @@ def _check_group_name(name: str) -> str:
 
 
 def system_message(conversation: Conversation, actor: User | None, event: str, body: str = "") -> Message:
-    """Add a system line (created, added, removed, left, renamed) and make it the last message."""
+    """Add a system line (created, added, removed, left, renamed) and make it the last message.
+
+    The conversation is locked first, so no send can commit a newer message between this line's
+    id and its becoming the last message: the last message never moves back.
+    """
     from .messages import preview_of
 
+    lock_conversations([conversation.id])
     message = Message(conversation_id=conversation.id, sender_id=actor.id if actor else None, kind="system",
                       event=event, body=body[:4000])
     db.session.add(message)
@@ -195,6 +216,8 @@ def add_members(actor: User, conversation: Conversation, member_ids) -> list[Use
         raise DomainError(_l("A group can have at most %(n)d other members.", n=MAX_GROUP_OTHERS), 422)
     users = _existing_users(new_ids)
     with transaction():
+        lock_conversations([conversation.id])
+        db.session.refresh(conversation, ["last_message_id"])  # as of the lock
         for user in users:
             _add_member(conversation, user.id)
         system_message(conversation, actor, "added", ", ".join(u.name for u in users))
@@ -215,6 +238,7 @@ def remove_member(actor: User, conversation: Conversation, user_id) -> None:
         raise NotFound(_l("No such member."))
     removed = membership.user
     with transaction():
+        lock_conversations([conversation.id])  # before the member's rows, as a send takes them
         db.session.delete(membership)
         system_message(conversation, actor, "removed", removed.name)
     from ..realtime import bus
@@ -235,6 +259,7 @@ def leave(user: User, conversation: Conversation) -> None:
         disband(user, conversation, check_owner=False)
         return
     with transaction():
+        lock_conversations([conversation.id])  # before the member's rows, as a send takes them
         if conversation.owner_id == user.id:
             conversation.owner_id = others[0].user_id
             others[0].role = "owner"
@@ -416,11 +441,12 @@ def forget_texts(condition) -> None:
 
     Each conversation loses them from its text_count, each member from their read_count those
     they had read (at or before their pointer, or their own): unread counts stay exact after
-    retention and account deletion. No commit. Two statements, whatever the number of messages
-    or members.
+    retention and account deletion. No commit. The conversations are locked first (see
+    lock_conversations), then two statements, whatever the number of messages or members.
     """
     texts = and_(condition, Message.kind == "text")
     touched = select(Message.conversation_id).where(texts)
+    lock_conversations(db.session.scalars(touched.distinct()).all())
     db.session.execute(
         update(Conversation).where(Conversation.id.in_(touched))
         .values(text_count=Conversation.text_count - select(func.count()).select_from(Message).where(
@@ -685,6 +711,7 @@ def mark_read_for(cid: int, user_ids, upto: int, *, notify: bool = True) -> set[
         return set()
     values = {"last_read_message_id": upto, "read_at": utcnow()}
     with transaction():
+        lock_conversations([cid], share=True)  # sends in flight commit first: their messages are counted
         moved = dict(db.session.execute(
             update(Unread)
             .where(Unread.conversation_id == cid, Unread.user_id.in_(user_ids),

@@ -119,6 +119,16 @@ _PG_BATCH = text("""
 """)
 
 
+# The batch's conversations, locked (in id order) before the batch reads the unread counters it
+# corrects: see conversations.lock_conversations.
+_PG_LOCK = text("""
+    SELECT c.id FROM conversations c
+    WHERE c.id IN (SELECT conversation_id FROM (
+        SELECT conversation_id FROM messages WHERE created_at < :cutoff ORDER BY id LIMIT :batch) AS doomed)
+    ORDER BY c.id FOR NO KEY UPDATE
+""")
+
+
 def _delete_batch(cutoff, batch_size: int):
     """Delete the oldest expired messages (up to batch_size) and their images, uncommitted.
 
@@ -126,6 +136,7 @@ def _delete_batch(cutoff, batch_size: int):
     or None when nothing is left to delete.
     """
     if db.engine.dialect.name == "postgresql":
+        db.session.execute(_PG_LOCK, {"cutoff": cutoff, "batch": batch_size})
         row = db.session.execute(_PG_BATCH, {"cutoff": cutoff, "batch": batch_size}).one()
         if not row.messages:
             return None
