@@ -467,7 +467,7 @@ class Hub:
         unread = {uid: count for uid, _hidden, count in event["states"] if uid in local}
         # A 1:1's row shows the other person, whose name and avatar the event carries.
         people = {uid: SimpleNamespace(id=uid, name=name, avatar_id=avatar) for uid, name, avatar in event["people"]}
-        # A socket viewing this conversation reads arriving messages at once (one statement for all).
+        # A socket viewing this conversation reads arriving messages at once (one UPDATE for all).
         viewing = self._viewers(event)
         if viewing:
             for uid in mark_read_for(cid, viewing, mid):
