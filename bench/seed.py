@@ -113,34 +113,46 @@ def webchat_world(app, n_users: int, directs_per_user: int, n_groups: int, group
     return Topology(users, directs, group_convs)
 
 
-def add_backlog(app, world: Topology, per_group: int) -> None:
-    """Put `per_group` messages from its owner in every group, unread by all its other members.
+def put_backlog(cid: int, sender_id: int, n: int) -> None:
+    """Bulk-insert `n` messages from a member into a conversation, unread by all its other members.
 
-    A group whose members do not all keep up (the usual case) has a backlog; what a send costs
-    must not grow with it. Bulk-inserted, then the unread counters are rebuilt from the rows.
+    In an app context; no commit. The unread counters are rebuilt from the rows afterwards (on
+    versions of the app that keep them).
     """
     from sqlalchemy import text
 
     from webchat.extensions import db
     from webchat.services import conversations as convs
 
+    db.session.execute(text("""
+        INSERT INTO messages (conversation_id, sender_id, kind, body, created_at)
+        SELECT :cid, :sender, 'text', 'Backlog message ' || g, now() FROM generate_series(1, :n) AS g
+    """), {"cid": cid, "sender": sender_id, "n": n})
+    db.session.execute(text("""
+        UPDATE conversations SET last_message_id = (SELECT max(id) FROM messages WHERE conversation_id = :cid),
+               last_message_text = 'Backlog message', last_message_at = now() WHERE id = :cid
+    """), {"cid": cid})
+    db.session.execute(text("""
+        UPDATE unreads SET last_read_message_id = (SELECT last_message_id FROM conversations WHERE id = :cid)
+        WHERE conversation_id = :cid AND user_id = :sender
+    """), {"cid": cid, "sender": sender_id})
+    if hasattr(convs, "recount_unread"):  # the app keeps unread counters (since 2026-11-27)
+        convs.recount_unread([cid])
+
+
+def add_backlog(app, world: Topology, per_group: int) -> None:
+    """Put `per_group` messages from its owner in every group, unread by all its other members.
+
+    A group whose members do not all keep up (the usual case) has a backlog; what a send costs
+    must not grow with it.
+    """
+    from sqlalchemy import text
+
+    from webchat.extensions import db
+
     with app.app_context():
         for group in world.groups:
-            owner = world.users[group.members[0]].uid
-            db.session.execute(text("""
-                INSERT INTO messages (conversation_id, sender_id, kind, body, created_at)
-                SELECT :cid, :owner, 'text', 'Backlog message ' || g, now() FROM generate_series(1, :n) AS g
-            """), {"cid": group.cid, "owner": owner, "n": per_group})
-            db.session.execute(text("""
-                UPDATE conversations SET last_message_id = (SELECT max(id) FROM messages WHERE conversation_id = :cid),
-                       last_message_text = 'Backlog message', last_message_at = now() WHERE id = :cid
-            """), {"cid": group.cid})
-            db.session.execute(text("""
-                UPDATE unreads SET last_read_message_id = (SELECT last_message_id FROM conversations WHERE id = :cid)
-                WHERE conversation_id = :cid AND user_id = :owner
-            """), {"cid": group.cid, "owner": owner})
-        if hasattr(convs, "recount_unread"):  # the app keeps unread counters (since 2026-11-27)
-            convs.recount_unread([g.cid for g in world.groups])
+            put_backlog(group.cid, world.users[group.members[0]].uid, per_group)
         db.session.commit()
         db.session.execute(text("ANALYZE"))
         db.session.commit()

@@ -68,17 +68,9 @@ def run(args) -> None:
         else:
             cid = convs.find_or_create_direct(*users).id
         if args.backlog:
-            db.session.execute(text("""
-                INSERT INTO messages (conversation_id, sender_id, kind, body, created_at)
-                SELECT :cid, :sender, 'text', 'Backlog message ' || g, now() FROM generate_series(1, :n) AS g
-            """), {"cid": cid, "sender": users[0].id, "n": args.backlog})
-            db.session.execute(text("UPDATE conversations SET last_message_id = (SELECT max(id) FROM messages)"
-                                    " WHERE id = :cid"), {"cid": cid})
-            db.session.execute(text("UPDATE unreads SET last_read_message_id = (SELECT max(id) FROM messages)"
-                                    " WHERE conversation_id = :cid AND user_id = :sender"),
-                               {"cid": cid, "sender": users[0].id})
-            if hasattr(convs, "recount_unread"):  # the app keeps unread counters (not before 2026-11-27)
-                convs.recount_unread([cid])
+            from seed import put_backlog  # bench/seed.py: this script's directory is on the path
+
+            put_backlog(cid, users[0].id, args.backlog)
             db.session.commit()
             db.session.execute(text("ANALYZE"))
             db.session.commit()

@@ -120,6 +120,19 @@ def make_user(username: str, password: str = "password123", name: str = "", **fi
     return user
 
 
+def age(message_ids, days: int) -> None:
+    """Make these messages `days` days old (for retention), committed."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from webchat.models import Message, utcnow
+
+    db.session.execute(update(Message).where(Message.id.in_(message_ids)).values(
+        created_at=utcnow() - timedelta(days=days)))
+    db.session.commit()
+
+
 @pytest.fixture
 def users(app):
     """Four users: alice, bob, carol, dave (password 'password123')."""

@@ -6,10 +6,10 @@ from datetime import timedelta
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from werkzeug.datastructures import FileStorage
 
-from tests.conftest import image_bytes, make_user
+from tests.conftest import age, image_bytes, make_user
 from tests.support import RedisServer, process_env, start_procfile_process, stop_group
 from webchat.extensions import db, redis_store
 from webchat.models import Conversation, Image, Message, RetentionRun, utcnow
@@ -22,12 +22,6 @@ from webchat.services.retention import LOCK_NAME, purge_expired_messages
 def pair(app, ctx):
     alice, bob = make_user("alice"), make_user("bob")
     return alice, bob, convs.find_or_create_direct(alice, bob)
-
-
-def age(message_ids, days):
-    db.session.execute(update(Message).where(Message.id.in_(message_ids)).values(
-        created_at=utcnow() - timedelta(days=days)))
-    db.session.commit()
 
 
 def count(model, *where):

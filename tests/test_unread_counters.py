@@ -6,14 +6,13 @@ member's unread messages are the texts from others past their read pointer.
 import random
 import threading
 import time
-from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
 from flask_migrate import downgrade, upgrade
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, func, select
 
-from tests.conftest import make_user
+from tests.conftest import age, make_user
 from webchat import create_app
 from webchat.config import TestConfig
 from webchat.extensions import db
@@ -54,12 +53,6 @@ def assert_counters_exact() -> None:
         assert {uid: row.unread for uid, row in rows.items() if row is not None} == {
             uid: n for (c, uid), n in expected.items() if c == cid and rows.get(uid) is not None}
     db.session.rollback()
-
-
-def age(message_ids, days):
-    db.session.execute(update(Message).where(Message.id.in_(message_ids)).values(
-        created_at=utcnow() - timedelta(days=days)))
-    db.session.commit()
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -232,6 +225,18 @@ def _pause(monkeypatch, module, name, thread_name):
     return paused, release
 
 
+def _read_while_held(app, holder, release, read) -> bool:
+    """Start `read` while thread `holder` is held; release it; return whether the read waited for it."""
+    reader = _in_thread(app, "read", read)
+    reader.join(0.5)
+    waited = reader.is_alive()
+    release.set()
+    holder.join(10)
+    reader.join(10)
+    assert not holder.failures and not reader.failures
+    return waited
+
+
 @pytest.fixture
 def pg_group(app, ctx):
     if db.engine.dialect.name != "postgresql":
@@ -255,13 +260,7 @@ def test_a_read_waits_for_a_send_in_flight_and_counts_its_message(app, pg_group,
         db.session.get(User, carol_id), db.session.get(Conversation, gid), "committed late"))
     assert paused.wait(10)
     # ...when bob reads up to alice's newer one (the hub does this for a viewer of the chat).
-    read = _in_thread(app, "read", lambda: convs.mark_read_for(gid, [bob_id], winner.id, notify=False))
-    read.join(0.5)
-    waited = read.is_alive()
-    release.set()
-    late.join(10)
-    read.join(10)
-    assert not late.failures and not read.failures
+    waited = _read_while_held(app, late, release, lambda: convs.mark_read_for(gid, [bob_id], winner.id, notify=False))
     assert waited, "the read did not wait for the send in flight"
     assert convs.unread_counts(bob_id) == {}  # carol's message is behind his pointer: read
     assert_counters_exact()
@@ -279,13 +278,8 @@ def test_a_read_waits_for_a_retention_batch_in_flight(app, pg_group, monkeypatch
     purge = _in_thread(app, "purge", lambda: purge_expired_messages(7))
     assert paused.wait(10)
     # ...when bob reads the conversation: his count must not include "old" (it is gone).
-    read = _in_thread(app, "read", lambda: convs.mark_read(bob_id, db.session.get(Conversation, gid), notify=False))
-    read.join(0.5)
-    waited = read.is_alive()
-    release.set()
-    purge.join(10)
-    read.join(10)
-    assert not purge.failures and not read.failures
+    waited = _read_while_held(app, purge, release,
+                              lambda: convs.mark_read(bob_id, db.session.get(Conversation, gid), notify=False))
     assert waited, "the read did not wait for the retention batch in flight"
     msgs.send_message(db.session.get(User, alice_id), db.session.get(Conversation, gid), "after")
     assert convs.unread_counts(bob_id) == {gid: 1}
