@@ -115,7 +115,7 @@ class Target:
         """Send over HTTP; return an error description or None."""
         raise NotImplementedError
 
-    def ws_frame(self, conv: Conv, text: str, client_id: str) -> str:
+    def ws_frame(self, user: BenchUser, conv: Conv, text: str, client_id: str) -> str:
         raise NotImplementedError
 
     def is_error_frame(self, frame: str) -> bool:
@@ -151,6 +151,11 @@ class WebchatTarget(Target):
                 return
             self.csrf[user.index] = token
             self.cookie[user.index] = client.cookies["session"]
+            # From now on the session goes as a plain header, as a browser sends it: httpx's cookie
+            # jar (the standard library's cookiejar) costs the load generator more per request than
+            # a browser's, and only webchat's requests would pay it.
+            client.cookies.clear()
+            client.headers["Cookie"] = f"session={self.cookie[user.index]}"
 
         await asyncio.gather(*(one(u) for u in users))
 
@@ -163,7 +168,7 @@ class WebchatTarget(Target):
             headers={"X-CSRFToken": self.csrf.get(user.index, "")})
         return None if reply.status_code in (200, 201, 303) else f"send HTTP {reply.status_code}"
 
-    def ws_frame(self, conv: Conv, text: str, client_id: str) -> str:
+    def ws_frame(self, user: BenchUser, conv: Conv, text: str, client_id: str) -> str:
         return json.dumps({"type": "message", "conversation_id": conv.cid, "body": text, "client_id": client_id})
 
     def is_error_frame(self, frame: str) -> bool:
@@ -175,8 +180,14 @@ class RelayTarget(Target):
 
     def __init__(self, base_url: str, users: list[BenchUser], name: str = "relay") -> None:
         super().__init__(base_url)
-        self.name = name  # "relay", or "relay-db" when the relay writes each message first
+        # "relay"; "relay-db" when the relay writes each message first; "relay-sql" when it runs
+        # webchat's send transaction, which needs the conversation's and the sender's webchat ids.
+        self.name = name
         self.keys = {u.index: u.username for u in users}
+        self.uids = {u.index: u.uid for u in users} if name == "relay-sql" else None
+
+    def _ids(self, user: BenchUser, conv: Conv, client_id: str) -> dict:
+        return {"cid": conv.cid, "uid": user.uid, "client_id": client_id} if self.uids is not None else {}
 
     def _to(self, conv: Conv) -> str:
         return ",".join(self.keys[m] for m in conv.members)
@@ -186,11 +197,12 @@ class RelayTarget(Target):
 
     async def send_http(self, user: BenchUser, conv: Conv, text: str, client_id: str) -> str | None:
         reply = await self.http[user.index].post("/send", data={"to": self._to(conv), "text": text,
-                                                                "from": user.username})
+                                                                "from": user.username,
+                                                                **self._ids(user, conv, client_id)})
         return None if reply.status_code == 204 else f"send HTTP {reply.status_code}"
 
-    def ws_frame(self, conv: Conv, text: str, client_id: str) -> str:
-        return json.dumps({"to": self._to(conv), "text": text})
+    def ws_frame(self, user: BenchUser, conv: Conv, text: str, client_id: str) -> str:
+        return json.dumps({"to": self._to(conv), "text": text, **self._ids(user, conv, client_id)})
 
 
 async def open_sockets(target: Target, users: list[BenchUser], per_user: int, recorder: Recorder,

@@ -47,9 +47,11 @@ def add_world_args(parser) -> None:
     parser.add_argument("--http-fraction", type=float, default=0.5,
                         help="share of messages sent over HTTP, the rest over WebSocket (default 0.5)")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn processes (WEB_CONCURRENCY, default 2)")
-    parser.add_argument("--target", choices=["webchat", "relay", "relay-db", "both", "all"], default="webchat",
-                        help="relay-db: the relay writing each message to PostgreSQL first; "
-                             "both: webchat and relay; all: webchat, relay-db and relay")
+    parser.add_argument("--target", choices=["webchat", "relay", "relay-db", "relay-sql", "both", "all", "floors"],
+                        default="webchat",
+                        help="relay-db: the relay writing each message to PostgreSQL first; relay-sql: the relay "
+                             "running webchat's send transaction on a webchat database; both: webchat and relay; "
+                             "all: webchat, relay-db and relay; floors: webchat, relay-sql, relay-db and relay")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--backlog", type=int, default=0,
                         help="webchat: messages put in each group first, unread by all but its owner (default 0)")
@@ -119,7 +121,7 @@ class Run:
             if via == "http":
                 error = await self.target.send_http(sender, conv, text, client_id)
             else:
-                await self.rng.choice(own).ws.send(self.target.ws_frame(conv, text, client_id))
+                await self.rng.choice(own).ws.send(self.target.ws_frame(sender, conv, text, client_id))
                 error = None
         except Exception as exc:  # noqa: BLE001
             error = f"send {via} {type(exc).__name__}"
@@ -313,16 +315,23 @@ def _run_target(name: str, args, runner) -> dict:
             world = webchat_world(app, plan.users, plan.directs_per_user, plan.groups, plan.group_size)
             if getattr(args, "backlog", 0):
                 add_backlog(app, world, args.backlog)
-            server = servers.start_webchat(db_url, redis_url, port, args.workers)
+            if name == "relay-sql":  # the relay, running webchat's send transaction on this database
+                server = servers.start_relay(redis_url if args.workers > 1 else None, port, args.workers, db_url,
+                                             webchat_sql=True)
+                target: Target = RelayTarget(server.url, world.users, name)
+            else:
+                server = servers.start_webchat(db_url, redis_url, port, args.workers)
+                target = WebchatTarget(server.url)
             with servers.stopping(server):
-                run = Run(WebchatTarget(server.url), world, plan, server.pid)
+                run = Run(target, world, plan, server.pid)
                 run.dbname = servers.database_name(db_url)
                 busy = settle(args)
                 return dict(asyncio.run(runner(run)), machine_busy_before=busy)
 
 
 def targets(args) -> list[str]:
-    return {"both": ["webchat", "relay"], "all": ["webchat", "relay-db", "relay"]}.get(args.target, [args.target])
+    return {"both": ["webchat", "relay"], "all": ["webchat", "relay-db", "relay"],
+            "floors": ["webchat", "relay-sql", "relay-db", "relay"]}.get(args.target, [args.target])
 
 
 def run_load(args) -> dict:
@@ -345,9 +354,9 @@ def run_saturate(args) -> dict:
 def _print_ratio(results: dict, key: str) -> None:
     if "relay" not in results or not results["relay"][key]:
         return
-    for name in ("webchat", "relay-db"):
+    for name in ("webchat", "relay-sql", "relay-db"):
         if name in results:
             ratio = results[name][key] / results["relay"][key]
-            results["ratio" if name == "webchat" else "ratio_relay_db"] = ratio
+            results["ratio" if name == "webchat" else "ratio_" + name.replace("-", "_")] = ratio
             print(f"\n== {name} / relay ({key}): {results[name][key]:.1f} / {results['relay'][key]:.1f} "
                   f"= {ratio:.0%} ==")

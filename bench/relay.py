@@ -15,6 +15,16 @@ gunicorn's gevent worker with webchat's own gunicorn config). Run it like the ap
   PostgreSQL: one INSERT and COMMIT through SQLAlchemy Core and psycopg, with webchat's pool
   settings. Still no auth, no membership check, no unread counts, no templates: it is the
   ceiling of a chat that keeps its messages, on this stack.
+- With RELAY_SQL=webchat as well (the `relay-sql` target), the database is a migrated webchat
+  database with the bench's users and conversations, and every send runs webchat's own send
+  transaction instead of the INSERT: the same two statements (`messages._SEND`, which checks
+  membership, inserts the message, counts it and moves the last message and the sender's pointer;
+  then `conversations._MEMBER_STATES`, every member's exact unread count) and the COMMIT, with the
+  conversation id, sender id and client id the load generator posts as `cid`, `uid` and `client_id`
+  (a message that commits behind a newer one is not recounted, as webchat's send would: rare,
+  and a relay need not). Still no auth, no
+  CSRF, no session, no templates: only the database work of one webchat message, so its rate is
+  the ceiling for webchat's data model on this stack.
 """
 from __future__ import annotations
 
@@ -38,20 +48,41 @@ _registry_lock = threading.Lock()
 _listener_started = False
 _redis = None
 DATABASE_URL = os.environ.get("RELAY_DATABASE_URL")
+WEBCHAT_SQL = os.environ.get("RELAY_SQL") == "webchat"
 _engine = None
 _insert = None
 
 
-def _persist(sender: str, to: str, text: str) -> None:
-    """Keep the message (relay-db only): the one durable write any chat needs per message."""
+def _persist(sender: str, to: str, text: str, send: dict) -> None:
+    """Keep the message (relay-db, relay-sql): the durable write any chat needs per message."""
     global _engine, _insert
     if not DATABASE_URL:
         return
     with _registry_lock:  # one engine (one pool) per process, however many sends arrive first
         if _engine is None:
             _engine, _insert = _make_engine()
+    if WEBCHAT_SQL:
+        _webchat_send(int(send["cid"]), int(send["uid"]), text, send.get("client_id") or None)
+        return
     with _engine.begin() as conn:
         conn.execute(_insert, {"sender": sender, "recipients": to, "body": text})
+
+
+def _webchat_send(cid: int, uid: int, text: str, client_id: str | None) -> None:
+    """Run webchat's send transaction (relay-sql): its statements, the values its send route passes."""
+    from datetime import datetime, timezone
+
+    from webchat.services.conversations import _MEMBER_STATES
+    from webchat.services.messages import _SEND
+
+    with _engine.begin() as conn:
+        row = conn.execute(_SEND, {
+            "p_conversation_id": cid, "p_sender_id": uid, "p_kind": "text", "p_body": text, "p_image_id": None,
+            "p_client_id": client_id, "p_created_at": datetime.now(timezone.utc), "p_text": " ".join(text.split())[:200],
+            "p_image_only": False}).one_or_none()
+        if row is None:
+            raise LookupError("not an active member")
+        conn.execute(_MEMBER_STATES, {"cid": cid}).all()
 
 
 def _make_engine():
@@ -60,6 +91,8 @@ def _make_engine():
 
     url = DATABASE_URL.replace("postgresql://", "postgresql+psycopg://", 1)
     engine = create_engine(url, pool_size=20, max_overflow=10)
+    if WEBCHAT_SQL:
+        return engine, None  # webchat's own tables, migrated by the bench
     table = Table("relay_messages", MetaData(),
                   Column("id", BigInteger, primary_key=True, autoincrement=True),
                   Column("sender", Text), Column("recipients", Text), Column("body", Text, nullable=False),
@@ -116,10 +149,10 @@ def _ensure_listener() -> None:
     threading.Thread(target=_listen, daemon=True).start()
 
 
-def relay(to: str, text: str, sender: str = "") -> None:
+def relay(to: str, text: str, sender: str = "", send: dict | None = None) -> None:
     """Publish to every process when there are several, else deliver here."""
     _ensure_listener()
-    _persist(sender, to, text)
+    _persist(sender, to, text, send or {})
     if _redis is not None:
         _redis.publish(CHANNEL, json.dumps({"to": to, "text": text}))
     else:
@@ -136,7 +169,7 @@ def healthz():
 @app.post("/send")
 def send():
     """Relay a posted text to the sockets of the `to` keys."""
-    relay(request.form.get("to", ""), request.form["text"], request.form.get("from", ""))
+    relay(request.form.get("to", ""), request.form["text"], request.form.get("from", ""), request.form)
     return "", 204
 
 
@@ -154,7 +187,7 @@ def ws(socket):
             if raw is None:
                 continue
             frame = json.loads(raw)
-            relay(frame.get("to", ""), frame["text"], key)
+            relay(frame.get("to", ""), frame["text"], key, frame)
     finally:
         with _registry_lock:
             _sockets[key].discard(socket)

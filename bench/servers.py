@@ -197,14 +197,17 @@ def start_webchat(database_url: str, redis_url: str, port: int, workers: int, **
                           "/healthz")
 
 
-def start_relay(redis_url: str | None, port: int, workers: int, database_url: str | None = None) -> Server:
+def start_relay(redis_url: str | None, port: int, workers: int, database_url: str | None = None,
+                webchat_sql: bool = False) -> Server:
     env = dict(os.environ)
-    env.pop("RELAY_REDIS_URL", None)
-    env.pop("RELAY_DATABASE_URL", None)
+    for name in ("RELAY_REDIS_URL", "RELAY_DATABASE_URL", "RELAY_SQL"):
+        env.pop(name, None)
     if redis_url:
         env["RELAY_REDIS_URL"] = redis_url
     if database_url:
         env["RELAY_DATABASE_URL"] = database_url
+    if webchat_sql:
+        env["RELAY_SQL"] = "webchat"
     return start_gunicorn("relay", "bench.relay:app", env, port, workers, "/healthz")
 
 
