@@ -223,3 +223,30 @@ def test_members_viewing_the_group_read_it_at_once_in_one_update(app, ctx, count
                 reads.add(event["uid"])
     pubsub.close()
     assert reads == {bob.id, carol.id}
+
+
+@pytest.mark.parametrize("locale", ["en", "zh"])
+def test_a_live_frame_is_the_frame_replay_renders(app, ctx, count_queries, locale):
+    """The push joins pieces rendered once around each member's badge: the frame replay renders whole."""
+    alice, bob, carol = make_user("alice", name="Alice"), make_user("bob", name="Bob"), make_user("carol")
+    group = convs.create_group(alice, "Team", [bob.id, carol.id])
+    direct = convs.find_or_create_direct(alice, bob)
+    msgs.send_message(alice, group, "before")
+    convs.mark_read(carol.id, group)  # carol and bob have different counts
+    for conversation in (group, direct):
+        after = msgs.newest_message_id(bob.id)
+        pubsub = listening()
+        message, _created = msgs.send_message(alice, conversation, "see https://example.com <i>now</i>")
+        raw = published(pubsub)
+        pubsub.close()
+        hub = Hub()
+        hub.init_app(app)
+        live = {u.id: attach(hub, u.id, locale) for u in (alice, bob, carol)}
+        deliver(hub, raw, count_queries)
+        for user in (alice, bob, carol):
+            if not live[user.id].ws.frames:
+                assert user is carol and conversation is direct
+                continue
+            replayed = attach(Hub(), user.id, locale)
+            hub.replay(replayed, after)
+            assert replayed.ws.frames[-1] == live[user.id].ws.frames[0]

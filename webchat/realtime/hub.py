@@ -473,31 +473,38 @@ class Hub:
             for uid in mark_read_for(cid, viewing, mid):
                 unread[uid] = 0
         # A frame is the message and, unless hidden, the member's list row with their own badge.
-        # The message is rendered once per language, the row around the badge once per
-        # language (a 1:1's once per side), each badge once per count: a group's row is not
-        # rendered again for every member. Macros, not pages: no page context is built. Only
-        # the message and the row have words to translate: badges and frames are put together
-        # without switching the language (in a group nearly every member has their own count).
-        macros = _macros()
-        items: dict[str, Markup] = {}
-        rows: dict[tuple, Markup | None] = {}
-        frames: dict[tuple, str] = {}
+        # The message is rendered once per language, the row up to the badge once per language (a
+        # 1:1's once per side), the row's closing tags once, each badge once per count: a group's
+        # row is not rendered again for every member. Macros, not pages: no page context is built.
+        # Only the message and the row have words to translate, so the language is switched once
+        # per language. Each frame is those rendered pieces joined around the member's badge (in a
+        # group nearly every member has their own count: one macro call per count).
+        targets: list[tuple[Client, tuple, int]] = []
+        keys: dict[str, dict[tuple, object]] = {}  # locale -> row key -> the row's peer
         for uid, count in unread.items():
             visible = hidden[uid] is None or hidden[uid] < mid
             peer = None if conversation.is_group else next((p for pid, p in people.items() if pid != uid), None)
             for client in self.clients_of(uid):
                 key = (visible, peer.id if peer else None, client.locale)
-                frame = frames.get((key, count))
-                if frame is None:
-                    if key not in rows:
-                        with force_locale(client.locale):
-                            if client.locale not in items:
-                                items[client.locale] = macros.message_oob(message)
-                            rows[key] = (macros.row_oob_start(self._delivery_row(conversation, peer, count))
-                                         if visible else None)
-                    frame = frames[key, count] = Frame(macros.message_frame(
-                        items[client.locale], rows[key], macros.badge(cid, count) if visible else None))
-                out.append(partial(client.send, frame, mid=mid))
+                keys.setdefault(client.locale, {})[key] = peer
+                targets.append((client, key, count))
+        macros = _macros()
+        heads: dict[tuple, Markup] = {}
+        for locale, peers in keys.items():
+            with force_locale(locale):
+                item = macros.message_oob(message)
+                for key, peer in peers.items():
+                    row = macros.row_oob_start(self._delivery_row(conversation, peer, 0)) if key[0] else None
+                    heads[key] = macros.frame_head(item, row)
+        close = macros.row_oob_end()
+        frames: dict[tuple, str] = {}
+        for client, key, count in targets:
+            frame = frames.get((key, count))
+            if frame is None:
+                visible = key[0]
+                frame = frames[key, count] = Frame(heads[key] + macros.badge(cid, count) + close if visible
+                                                   else heads[key])
+            out.append(partial(client.send, frame, mid=mid))
 
     @staticmethod
     def _delivery_row(conversation, peer, unread: int):
