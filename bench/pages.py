@@ -8,6 +8,7 @@ that grows with the list shows up as a difference.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections import Counter
@@ -147,8 +148,8 @@ def _profile(client, pages) -> None:
             client.get(path)
         profiler.disable()
         out = io.StringIO()
-        stats = pstats.Stats(profiler, stream=out).sort_stats("tottime")
-        stats.print_stats(18)
+        stats = pstats.Stats(profiler, stream=out).sort_stats(os.environ.get("PROFILE_SORT", "tottime"))
+        stats.print_stats(int(os.environ.get("PROFILE_TOP", "18")))
         print(f"\n  -- profile of {name} ({path}), 5 requests, by own time --")
         print("\n".join("     " + line for line in out.getvalue().splitlines()[4:]))
 

@@ -45,6 +45,9 @@ def assert_counters_exact() -> None:
             by_user.setdefault(uid, {})[cid] = n
     for uid in {uid for _, uid in expected}:
         assert convs.unread_counts(uid) == by_user.get(uid, {}), f"user {uid}"
+        # The list's rows read the same counters in their own query.
+        shown = {row.id: row.unread for row in convs.conversation_list(uid)}
+        assert shown == {cid: by_user.get(uid, {}).get(cid, 0) for cid in shown}, f"list of {uid}"
     for cid in {cid for cid, _ in expected}:
         states = convs.member_states(cid)
         assert {uid: s.unread for uid, s in states.items()} == {

@@ -516,21 +516,32 @@ def _peers(conversation_ids: list[int], user_id: int) -> dict[int, User]:
     return {cid: user for cid, user in rows}
 
 
-def build_rows(user_id: int, pairs: list[tuple[Conversation, Membership]]) -> list[ConversationRow]:
-    """Turn (conversation, membership) pairs into list rows with names and unread counts (2 queries)."""
-    direct_ids = [c.id for c, _ in pairs if not c.is_group]
+def _member_rows(user_id: int):
+    """Select (conversation, membership, unread count) of the conversations this user belongs to.
+
+    The count comes from the member's counters in the same query (0 without an Unread row).
+    """
+    return (
+        _member_pairs(user_id)
+        .outerjoin(Unread, and_(Unread.conversation_id == Conversation.id, Unread.user_id == user_id))
+        .add_columns(_unread_count())
+    )
+
+
+def build_rows(user_id: int, triples: list[tuple[Conversation, Membership, int]]) -> list[ConversationRow]:
+    """Turn (conversation, membership, unread) triples into list rows with names (2 queries at most)."""
+    direct_ids = [c.id for c, _m, _n in triples if not c.is_group]
     peers = _peers(direct_ids, user_id)
-    counts = unread_counts(user_id, [c.id for c, _ in pairs]) if pairs else {}
-    systems = _system_last_messages([c.last_message_id for c, _ in pairs if c.is_group and c.last_message_id])
+    systems = _system_last_messages([c.last_message_id for c, _m, _n in triples if c.is_group and c.last_message_id])
     rows = []
-    for conversation, _membership in pairs:
+    for conversation, _membership, unread in triples:
         peer = peers.get(conversation.id)
         if conversation.is_group:
             title, image_id = conversation.name or "", conversation.image_id
         else:
             title = peer.name if peer else str(_l("Deleted user"))
             image_id = peer.avatar_id if peer else None
-        rows.append(ConversationRow(conversation, title, image_id, peer, counts.get(conversation.id, 0),
+        rows.append(ConversationRow(conversation, title, image_id, peer, unread or 0,
                                     systems.get(conversation.last_message_id or 0)))
     return rows
 
@@ -566,11 +577,11 @@ def conversation_page(user_id: int, before: str | None = None,
     """Return a page of the user's visible conversations, newest first, and the cursor of the next page.
 
     Keyset pagination on (last activity, id): a conversation that moves to the top while the
-    user scrolls is not shown twice. Four queries whatever the page or the list's length.
+    user scrolls is not shown twice. Three queries at most whatever the page or the list's length.
     """
     sort_key = func.coalesce(Conversation.last_message_at, Conversation.created_at)
     query = (
-        _member_pairs(user_id)
+        _member_rows(user_id)
         .where(or_(Membership.hidden_through.is_(None),
                    func.coalesce(Conversation.last_message_id, 0) > Membership.hidden_through))
         .order_by(sort_key.desc(), Conversation.id.desc())
@@ -580,9 +591,9 @@ def conversation_page(user_id: int, before: str | None = None,
         query = query.where(or_(sort_key < when, and_(sort_key == when, Conversation.id < cid)))
     if limit is not None:
         query = query.limit(limit + 1)
-    pairs = [(c, m) for c, m in db.session.execute(query).all()]
-    more = limit is not None and len(pairs) > limit
-    rows = build_rows(user_id, pairs[:limit] if more else pairs)
+    triples = [(c, m, n) for c, m, n in db.session.execute(query).all()]
+    more = limit is not None and len(triples) > limit
+    rows = build_rows(user_id, triples[:limit] if more else triples)
     return rows, (list_cursor(rows[-1]) if more else None)
 
 
@@ -591,8 +602,8 @@ def rows_for_user(user_id: int, cids) -> dict[int, ConversationRow]:
     cids = list(cids)
     if not cids:
         return {}
-    pairs = db.session.execute(_member_pairs(user_id).where(Conversation.id.in_(cids))).all()
-    visible = [(c, m) for c, m in pairs if not m.is_hidden(c)]
+    triples = db.session.execute(_member_rows(user_id).where(Conversation.id.in_(cids))).all()
+    visible = [(c, m, n) for c, m, n in triples if not m.is_hidden(c)]
     return {row.id: row for row in build_rows(user_id, visible)}
 
 
