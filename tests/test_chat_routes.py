@@ -317,8 +317,8 @@ def test_chat_page_query_count_is_constant(app, users, count_queries, n):
     with app.test_request_context():
         alice, bob = db.session.get(User, users["alice"]), db.session.get(User, users["bob"])
         group = convs.create_group(alice, "G", [bob.id, users["carol"]])
-        for i in range(n):
-            msgs.send_message(bob if i % 2 else alice, group, f"m{i}")
+        for i in range(n):  # bob's last: alice has something to mark read
+            msgs.send_message(bob if (n - i) % 2 else alice, group, f"m{i}")
         gid = group.id
     client = login_client(app, "alice")
     counter = count_queries()
@@ -330,6 +330,26 @@ def test_chat_page_query_count_is_constant(app, users, count_queries, n):
     # the commit); on PostgreSQL the read first takes the conversation's lock
     # (conversations.lock_conversations)
     assert counter.count == (8 if _is_pg(app) else 7), "\n".join(s[:90] for s in counter.statements)
+
+
+def test_opening_a_read_conversation_again_writes_nothing(app, users, count_queries):
+    with app.test_request_context():
+        alice, bob = db.session.get(User, users["alice"]), db.session.get(User, users["bob"])
+        direct = convs.find_or_create_direct(alice, bob)
+        msgs.send_message(bob, direct, "unread")
+        cid = direct.id
+    client = login_client(app, "alice")
+    first, again = count_queries(), count_queries()
+    with first:
+        assert client.get(f"/conversations/{cid}").status_code == 200
+    with again:
+        assert client.get(f"/conversations/{cid}").status_code == 200
+    assert any(s.lstrip().upper().startswith("UPDATE UNREADS") for s in first.statements)
+    # Already read that far: no lock, no update (the pointer came with the conversation's row).
+    assert not any(s.lstrip().upper().startswith("UPDATE") or "FOR SHARE" in s.upper() for s in again.statements)
+    assert again.count < first.count
+    with app.test_request_context():
+        assert convs.unread_counts(users["alice"]) == {}
 
 
 @pytest.mark.parametrize("method, url, data", [

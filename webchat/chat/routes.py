@@ -91,9 +91,9 @@ def create_conversation():
 
 def _chat_page(cid, error: str | None = None, before=None):
     user_id = current_user.id
-    conversation, membership = convs.get_conversation_for(user_id, cid)
+    conversation, membership = convs.get_conversation_for(user_id, cid, with_unread=True)
     # Mark read first, so the list below shows this conversation read.
-    convs.mark_read(user_id, conversation)
+    convs.mark_read(user_id, conversation, unread=membership.unread)
     messages = msgs.messages_page(conversation.id, before=before)
     members = convs.members_of(conversation.id)
     rows, next_cursor = convs.conversation_page(user_id)

@@ -29,16 +29,20 @@ def _member_pairs(user_id: int):
     )
 
 
-def get_conversation_for(user_id: int, cid, *, with_user: bool = False) -> tuple[Conversation, Membership]:
+def get_conversation_for(user_id: int, cid, *, with_user: bool = False,
+                         with_unread: bool = False) -> tuple[Conversation, Membership]:
     """Return the conversation and the user's membership, or raise NotFound for non-members.
 
     `with_user` loads the member's user in the same query (membership.user), for callers
-    that have no user loaded yet, such as a socket's frames.
+    that have no user loaded yet, such as a socket's frames; `with_unread` their read pointer
+    (membership.unread), for a page that marks the conversation read.
     """
     cid = parse_id(cid, _l("No such conversation."))
     query = _member_pairs(user_id).where(Conversation.id == cid)
     if with_user:
         query = query.options(joinedload(Membership.user, innerjoin=True))
+    if with_unread:
+        query = query.options(joinedload(Membership.unread))
     row = db.session.execute(query).first()
     if row is None:
         # Same answer whether it does not exist or the user is not in it.
@@ -705,9 +709,16 @@ def members_of(conversation_id: int) -> list[tuple[Membership, User]]:
     return [(m, u) for m, u in rows]
 
 
-def mark_read(user_id: int, conversation: Conversation, upto: int | None = None, *, notify: bool = True) -> bool:
-    """Move the user's read pointer to the newest message (or upto); return whether it moved."""
+def mark_read(user_id: int, conversation: Conversation, upto: int | None = None, *, notify: bool = True,
+              unread: Unread | None = None) -> bool:
+    """Move the user's read pointer to the newest message (or upto); return whether it moved.
+
+    Given the member's Unread row as loaded with the conversation, a pointer already that far
+    (a conversation opened again) issues no statement at all: the update would match no row.
+    """
     target = upto if upto is not None else (conversation.last_message_id or 0)
+    if unread is not None and unread.last_read_message_id >= target:
+        return False
     return user_id in mark_read_for(conversation.id, [user_id], target, notify=notify)
 
 
