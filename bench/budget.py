@@ -10,7 +10,8 @@ server that did nothing but webchat's database work (relay-sql's server and Post
 webchat's own load generator and the rest of the machine spend per message (its frames are HTML
 fragments and its requests carry a session), and the rate that floor allows; and the converse, webchat
 with a free database: its server's CPU less what the database work costs a relay (relay-sql's server
-over the relay's), no PostgreSQL, and the same load generator and rest.
+over the relay's), no PostgreSQL, and the same load generator and rest; and the server CPU per message
+webchat could spend at half the relay's rate, against what relay-sql's server spends.
 """
 from __future__ import annotations
 
@@ -59,6 +60,13 @@ def report(path: str) -> str:
         lines.append(f"  floor for webchat: relay-sql's server and PostgreSQL ({database:.1f}) + webchat's load "
                      f"generator and rest ({client:.1f}) = {floor:.1f} ms per message: at most {best:.0f} msg/s, "
                      f"{best / relay:.0%} of the relay")
+        # What webchat's server could spend at half the relay's rate, after its own load generator,
+        # rest and PostgreSQL (or relay-sql's PostgreSQL, the same transaction with less contention),
+        # against what relay-sql's server spends on the database work alone.
+        left = budget - own["loadgen"] - own["other"]
+        lines.append(f"  webchat's server budget at half the relay's rate: {left - own['postgres']:.1f} ms "
+                     f"({left - sql['postgres']:.1f} with relay-sql's PostgreSQL cost); relay-sql's server "
+                     f"spends {sql['server']:.1f} ms on the database work alone, webchat's {own['server']:.1f}")
         # And the other way round: webchat's server without what its database work costs the relay
         # (relay-sql's server CPU over the relay's), with no PostgreSQL at all.
         bare = own["server"] - (sql["server"] - per_message(results["relay"])["server"])
