@@ -494,6 +494,7 @@ class Hub:
             with force_locale(locale):
                 item = macros.message_oob(message)
                 for key, peer in peers.items():
+                    # The row's start holds no count (the badge does): one start serves every count.
                     row = macros.row_oob_start(self._delivery_row(conversation, peer, 0)) if key[0] else None
                     heads[key] = macros.frame_head(item, row)
         close = macros.row_oob_end()
