@@ -57,6 +57,23 @@ def listening():
     return pubsub
 
 
+def sent(send):
+    """Call send() and return its result and the message event it published on the real channel."""
+    pubsub = listening()
+    try:
+        result = send()
+        return result, published(pubsub)
+    finally:
+        pubsub.close()
+
+
+def new_hub(app) -> Hub:
+    """A hub of this app's own, as another process would have."""
+    hub = Hub()
+    hub.init_app(app)
+    return hub
+
+
 def deliver(hub, raw, count_queries) -> int:
     """Plan one event on this hub, send what it planned, and return the statements planning took."""
     counter = count_queries()
@@ -77,21 +94,17 @@ def direct(app, ctx):
 
 
 def test_a_message_event_is_pushed_without_a_query(app, direct, count_queries):
-    pubsub = listening()
-    message, _created = msgs.send_message(direct["bob_user"], direct["conversation"], "hello <b>there</b>")
-    raw = published(pubsub)
-    pubsub.close()
+    (message, _created), raw = sent(lambda: msgs.send_message(direct["bob_user"], direct["conversation"],
+                                                               "hello <b>there</b>"))
     event = json.loads(raw)
     assert (event["cid"], event["mid"], sorted(event["members"])) == (
         direct["cid"], message.id, sorted([direct["alice"], direct["bob"]]))
 
-    elsewhere = Hub()
-    elsewhere.init_app(app)
+    elsewhere = new_hub(app)
     stranger = attach(elsewhere, direct["carol"])
     assert deliver(elsewhere, raw, count_queries) == 0 and stranger.ws.frames == []
 
-    hub = Hub()
-    hub.init_app(app)
+    hub = new_hub(app)
     alice_tabs = [attach(hub, direct["alice"]), attach(hub, direct["alice"], "zh")]
     bob_tab = attach(hub, direct["bob"])
     assert deliver(hub, raw, count_queries) == 0
@@ -117,13 +130,10 @@ def test_a_group_message_gives_each_member_their_badge_in_their_own_language(app
     group = convs.create_group(alice, "Team", [bob.id, carol.id])
     msgs.send_message(alice, group, "before")
     convs.mark_read(carol.id, group)  # carol has read it, bob has not
-    pubsub = listening()
     image = FileStorage(io.BytesIO(image_bytes()), filename="p.png")
-    message, _created = msgs.send_message(alice, group, "", image)  # an image alone: "[Image]" in the row
-    raw = published(pubsub)
-    pubsub.close()
-    hub = Hub()
-    hub.init_app(app)
+    # An image alone: "[Image]" in the row.
+    (message, _created), raw = sent(lambda: msgs.send_message(alice, group, "", image))
+    hub = new_hub(app)
     bob_en, bob_zh, carol_zh = attach(hub, bob.id), attach(hub, bob.id, "zh"), attach(hub, carol.id, "zh")
     assert deliver(hub, raw, count_queries) == 0
     frames = {name: tab.ws.frames[0] for name, tab in
@@ -139,12 +149,8 @@ def test_a_hidden_conversation_comes_back_with_the_pushed_message(app, direct, c
     alice = db.session.get(User, direct["alice"])
     conversation = direct["conversation"]
     convs.hide(alice, conversation, db.session.get(Membership, (direct["cid"], direct["alice"])))
-    pubsub = listening()
-    msgs.send_message(direct["bob_user"], conversation, "are you there?")
-    raw = published(pubsub)
-    pubsub.close()
-    hub = Hub()
-    hub.init_app(app)
+    _message, raw = sent(lambda: msgs.send_message(direct["bob_user"], conversation, "are you there?"))
+    hub = new_hub(app)
     tab = attach(hub, direct["alice"])
     deliver(hub, raw, count_queries)
     assert f'id="conversation-{direct["cid"]}"' in tab.ws.frames[0]
@@ -177,12 +183,8 @@ def test_group_members_each_get_their_own_badge(app, ctx, count_queries):
     group = convs.create_group(alice, "Team", [bob.id, carol.id, dave.id])
     msgs.send_message(alice, group, "before carol reads")
     convs.mark_read(carol.id, group)
-    pubsub = listening()
-    message, _created = msgs.send_message(alice, group, "to the team")
-    raw = published(pubsub)
-    pubsub.close()
-    hub = Hub()
-    hub.init_app(app)
+    (message, _created), raw = sent(lambda: msgs.send_message(alice, group, "to the team"))
+    hub = new_hub(app)
     tabs = {u.id: [attach(hub, u.id), attach(hub, u.id)] for u in (alice, bob, carol)}  # dave is elsewhere
     assert deliver(hub, raw, count_queries) == 0
     badges = {}
@@ -199,8 +201,7 @@ def test_members_viewing_the_group_read_it_at_once_in_one_update(app, ctx, count
     pubsub = listening()
     message, _created = msgs.send_message(alice, group, "look at this")
     raw = published(pubsub)
-    hub = Hub()
-    hub.init_app(app)
+    hub = new_hub(app)
     viewers = [attach(hub, bob.id), attach(hub, carol.id)]
     for client in viewers:
         client.joined = group.id
@@ -235,12 +236,9 @@ def test_a_live_frame_is_the_frame_replay_renders(app, ctx, count_queries, local
     convs.mark_read(carol.id, group)  # carol and bob have different counts
     for conversation in (group, direct):
         after = msgs.newest_message_id(bob.id)
-        pubsub = listening()
-        message, _created = msgs.send_message(alice, conversation, "see https://example.com <i>now</i>")
-        raw = published(pubsub)
-        pubsub.close()
-        hub = Hub()
-        hub.init_app(app)
+        (message, _created), raw = sent(lambda: msgs.send_message(alice, conversation,
+                                                                  "see https://example.com <i>now</i>"))
+        hub = new_hub(app)
         live = {u.id: attach(hub, u.id, locale) for u in (alice, bob, carol)}
         deliver(hub, raw, count_queries)
         for user in (alice, bob, carol):
