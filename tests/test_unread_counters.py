@@ -330,3 +330,23 @@ def test_creating_a_group_inserts_its_members_read_state_in_one_statement(app, c
     inserts = [s for s in counter.statements if s.lstrip().upper().startswith("INSERT INTO UNREADS")]
     assert len(inserts) == 1, len(inserts)  # nothing to count in a new group: plain values, one executemany
     assert convs.member_states(group.id)[others[0]].unread == 0
+
+
+def test_adding_members_to_a_group_with_history_inserts_them_in_one_statement(app, ctx, count_queries):
+    owner = make_user("owner")
+    group = convs.create_group(owner, "Big", [make_user("a").id, make_user("b").id])
+    for i in range(3):
+        msgs.send_message(owner, group, f"history {i}")
+    newcomers = [make_user(f"new{i}").id for i in range(10)]
+    counter = count_queries()
+    with counter:
+        convs.add_members(owner, group, newcomers)
+    inserts = [s for s in counter.statements if s.lstrip().upper().startswith("INSERT INTO UNREADS")]
+    recounts = [s for s in counter.statements if s.lstrip().upper().startswith("UPDATE UNREADS")]
+    # plain values in one executemany, then one statement counts what they have read (the history)
+    assert (len(inserts), len(recounts)) == (1, 1), counter.statements
+    states = convs.member_states(group.id)
+    assert [states[uid].unread for uid in newcomers] == [0] * len(newcomers)
+    msgs.send_message(owner, group, "welcome")
+    assert convs.member_states(group.id)[newcomers[0]].unread == 1
+    assert_counters_exact()

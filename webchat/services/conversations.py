@@ -77,11 +77,10 @@ def lock_conversations(conversation_ids, *, share: bool = False) -> None:
 
 def _add_member(conversation: Conversation, user_id: int, role: str = "member") -> Membership:
     membership = Membership(conversation=conversation, user_id=user_id, role=role)
-    # New members start with everything so far read: no badge for history. (The caller holds
-    # the conversation's lock: see lock_conversations.)
-    pointer = conversation.last_message_id or 0
-    read_count = 0 if not pointer else read_count_at(conversation.id, pointer, user_id)
-    membership.unread = Unread(user_id=user_id, last_read_message_id=pointer, read_count=read_count)
+    # New members start with everything so far read: no badge for history. Their read_count is
+    # 0 here (plain values, so several members go in one executemany); a conversation that has
+    # messages recounts them after the insert (add_members: one statement for all of them).
+    membership.unread = Unread(user_id=user_id, last_read_message_id=conversation.last_message_id or 0, read_count=0)
     db.session.add(membership)
     return membership
 
@@ -224,6 +223,9 @@ def add_members(actor: User, conversation: Conversation, member_ids) -> list[Use
         db.session.refresh(conversation, ["last_message_id"])  # as of the lock
         for user in users:
             _add_member(conversation, user.id)
+        if conversation.last_message_id:
+            db.session.flush()
+            _recount_read(conversation.id, Unread.user_id.in_([u.id for u in users]))
         system_message(conversation, actor, "added", ", ".join(u.name for u in users))
     from ..realtime import bus
 
@@ -407,6 +409,11 @@ def _unread_count():
     return case((unread > 0, unread), else_=0)
 
 
+def _read_by_member():
+    """A text message counts as read by a member (an Unread row): up to their pointer, or their own."""
+    return or_(Message.id <= Unread.last_read_message_id, Message.sender_id == Unread.user_id)
+
+
 def read_count_at(conversation_id, pointer, user_id):
     """How many of a conversation's text messages a member has read at `pointer` (an SQL expression).
 
@@ -422,6 +429,19 @@ def read_count_at(conversation_id, pointer, user_id):
     return total - after
 
 
+def _recount_read(conversation_id: int, which) -> None:
+    """Set read_count from the pointer for the conversation's members matching `which` (one statement)."""
+    recounted = db.session.execute(
+        update(Unread)
+        .where(Unread.conversation_id == conversation_id, which)
+        .values(read_count=read_count_at(conversation_id, Unread.last_read_message_id, Unread.user_id))
+        .returning(Unread.user_id, Unread.last_read_message_id, Unread.read_count)
+        .execution_options(synchronize_session=False)
+    ).all()
+    for uid, pointer, read_count in recounted:
+        sync_loaded(Unread, (conversation_id, uid), {"last_read_message_id": pointer, "read_count": read_count})
+
+
 def recount_read_from(conversation_id: int, message_id: int) -> None:
     """Recount read_count of the members whose pointer is at or past `message_id` (no commit).
 
@@ -429,15 +449,7 @@ def recount_read_from(conversation_id: int, message_id: int) -> None:
     moved past it; their read counts now include one more message. Rare (two senders racing in
     one conversation), so a send whose message did not become the newest runs this.
     """
-    recounted = db.session.execute(
-        update(Unread)
-        .where(Unread.conversation_id == conversation_id, Unread.last_read_message_id >= message_id)
-        .values(read_count=read_count_at(conversation_id, Unread.last_read_message_id, Unread.user_id))
-        .returning(Unread.user_id, Unread.last_read_message_id, Unread.read_count)
-        .execution_options(synchronize_session=False)
-    ).all()
-    for uid, pointer, read_count in recounted:
-        sync_loaded(Unread, (conversation_id, uid), {"last_read_message_id": pointer, "read_count": read_count})
+    _recount_read(conversation_id, Unread.last_read_message_id >= message_id)
 
 
 def forget_texts(condition) -> None:
@@ -460,8 +472,7 @@ def forget_texts(condition) -> None:
     db.session.execute(
         update(Unread).where(Unread.conversation_id.in_(touched))
         .values(read_count=Unread.read_count - select(func.count()).select_from(Message).where(
-            texts, Message.conversation_id == Unread.conversation_id,
-            or_(Message.id <= Unread.last_read_message_id, Message.sender_id == Unread.user_id)).scalar_subquery())
+            texts, Message.conversation_id == Unread.conversation_id, _read_by_member()).scalar_subquery())
         .execution_options(synchronize_session=False)
     )
 
@@ -475,8 +486,7 @@ def recount_unread(conversation_ids=None) -> None:
     texts = select(func.count()).select_from(Message).where(
         Message.conversation_id == Conversation.id, Message.kind == "text").scalar_subquery()
     read = select(func.count()).select_from(Message).where(
-        Message.conversation_id == Unread.conversation_id, Message.kind == "text",
-        or_(Message.id <= Unread.last_read_message_id, Message.sender_id == Unread.user_id)).scalar_subquery()
+        Message.conversation_id == Unread.conversation_id, Message.kind == "text", _read_by_member()).scalar_subquery()
     conversations, unreads = update(Conversation).values(text_count=texts), update(Unread).values(read_count=read)
     if conversation_ids is not None:
         ids = list(conversation_ids)
