@@ -296,6 +296,21 @@ def settle(args) -> float:
     return busy
 
 
+def _measure(server, target: Target, world: Topology, plan: Plan, args, runner, db_url: str | None = None) -> dict:
+    """Run `runner` against a started server once the machine is quiet, then stop the server."""
+    with servers.stopping(server):
+        run = Run(target, world, plan, server.pid)
+        run.dbname = servers.database_name(db_url) if db_url else None
+        busy = settle(args)
+        return dict(asyncio.run(runner(run)), machine_busy_before=busy)
+
+
+def _start_relay(args, redis_url: str, port: int, db_url: str | None = None, webchat_sql: bool = False):
+    # One process delivers by itself; several share sends through Redis, as webchat's do.
+    return servers.start_relay(redis_url if args.workers > 1 else None, port, args.workers, db_url,
+                               webchat_sql=webchat_sql)
+
+
 def _run_target(name: str, args, runner) -> dict:
     """Start a fresh server (and database) for one target, run `runner(run)`, stop everything."""
     plan = plan_from(args)
@@ -305,28 +320,20 @@ def _run_target(name: str, args, runner) -> dict:
             world = relay_world(plan.users, plan.directs_per_user, plan.groups, plan.group_size)
             with servers.scratch_database("webchat_bench_relay", redis_url, keep=args.keep_db) \
                     if name == "relay-db" else nullcontext() as db_url:
-                server = servers.start_relay(redis_url if args.workers > 1 else None, port, args.workers, db_url)
-                with servers.stopping(server):
-                    run = Run(RelayTarget(server.url, world.users, name), world, plan, server.pid)
-                    busy = settle(args)
-                    return dict(asyncio.run(runner(run)), machine_busy_before=busy)
+                server = _start_relay(args, redis_url, port, db_url)
+                return _measure(server, RelayTarget(server.url, world.users, name), world, plan, args, runner)
         with servers.scratch_database("webchat_bench", redis_url, keep=args.keep_db) as db_url:
             app = make_app(db_url, redis_url)
             world = webchat_world(app, plan.users, plan.directs_per_user, plan.groups, plan.group_size)
             if getattr(args, "backlog", 0):
                 add_backlog(app, world, args.backlog)
             if name == "relay-sql":  # the relay, running webchat's send transaction on this database
-                server = servers.start_relay(redis_url if args.workers > 1 else None, port, args.workers, db_url,
-                                             webchat_sql=True)
+                server = _start_relay(args, redis_url, port, db_url, webchat_sql=True)
                 target: Target = RelayTarget(server.url, world.users, name)
             else:
                 server = servers.start_webchat(db_url, redis_url, port, args.workers)
                 target = WebchatTarget(server.url)
-            with servers.stopping(server):
-                run = Run(target, world, plan, server.pid)
-                run.dbname = servers.database_name(db_url)
-                busy = settle(args)
-                return dict(asyncio.run(runner(run)), machine_busy_before=busy)
+            return _measure(server, target, world, plan, args, runner, db_url)
 
 
 def targets(args) -> list[str]:
