@@ -220,3 +220,47 @@ def test_the_list_loads_more_rows_when_scrolled(app, page_factory):
         return [int(t.split("hello ")[-1].split()[0]) for t in rows.all_inner_texts()]
 
     assert order() == list(range(convs.LIST_PAGE + 4, -1, -1))
+
+
+def test_a_row_pushed_before_the_chat_page_list_arrives_is_kept(app, page_factory):
+    from webchat.extensions import db
+    from webchat.models import User
+    from webchat.services import conversations as convs
+    from webchat.services import messages as msgs
+
+    with app.test_request_context():
+        alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+        with_bob = convs.find_or_create_direct(alice, bob).id
+        with_carol = convs.find_or_create_direct(alice, carol)
+        msgs.send_message(db.session.get(User, carol.id), with_carol, "carol's first")
+        with_carol, carol_id = with_carol.id, carol.id
+    page = page_factory()
+    sign_in(page, "alice")
+    held = []
+    # The chat page's list request is answered by the server at once, but the answer is held back
+    # until a newer row has been pushed: the answer is then older than what the page shows.
+    page.route("**/conversations", lambda route: held.append((route, route.fetch())))
+    page.goto(f"/conversations/{with_bob}")
+    expect(page.locator("#conversation-list[data-loading]")).to_have_count(1)
+    for _ in range(100):
+        if held:
+            break
+        page.wait_for_timeout(100)
+    assert len(held) == 1
+    # Pushed live, or replayed when the socket opens: either way it lands in the placeholder.
+    with app.test_request_context():
+        msgs.send_message(db.session.get(User, carol_id), convs.get_conversation_for(carol_id, with_carol)[0],
+                          "carol again")
+    early = page.locator(f"#conversation-list[data-loading] #conversation-{with_carol}")
+    expect(early).to_contain_text("carol again")
+    route, answer = held.pop()
+    assert "carol again" not in answer.text() and "carol&#39;s first" in answer.text()
+    route.fulfill(response=answer)
+    expect(page.locator("#conversation-list[data-loading]")).to_have_count(0)
+    expect(page.locator(f"#conversation-{with_bob}")).to_have_count(1)
+    row = page.locator(f"#conversation-{with_carol}")
+    expect(row).to_have_count(1)
+    expect(row).to_contain_text("carol again")
+    expect(page.locator(f"#unread-{with_carol}")).to_have_text("2")
+    expect(page.locator(".conv-row").first).to_have_attribute("id", f"conversation-{with_carol}")
+    expect(page.locator(f"#conversation-{with_bob}")).to_have_class(re.compile(r"\bactive\b"))

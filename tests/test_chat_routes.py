@@ -257,8 +257,8 @@ def test_xss_payloads_are_inert(app, setup):
         msgs.send_message(evil, group, XSS + " javascript:alert(3) http://ok.example/?a=<b>")
         gid = group.id
     client = as_user(app, "alice")
-    for url in ("/", f"/conversations/{gid}", "/users/search?q=mall"):
-        html = client.get(url).get_data(as_text=True)
+    for url, headers in (("/", {}), (f"/conversations/{gid}", {}), ("/conversations", HX), ("/users/search?q=mall", {})):
+        html = client.get(url, headers=headers).get_data(as_text=True)
         assert "<script>alert(1)" not in html
         assert "<img src=x" not in html
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
@@ -268,8 +268,9 @@ def test_xss_payloads_are_inert(app, setup):
     assert '<a href="http://ok.example/?a="' in chat and "&lt;b&gt;" in chat
 
 
+@pytest.mark.parametrize("url, headers", [("/", {}), ("/conversations", HX)])
 @pytest.mark.parametrize("n", [5, 200])
-def test_list_page_query_count_is_constant(app, users, count_queries, n):
+def test_list_page_query_count_is_constant(app, users, count_queries, n, url, headers):
     with app.test_request_context():
         alice = db.session.get(User, users["alice"])
         for i in range(n - 1):
@@ -280,7 +281,7 @@ def test_list_page_query_count_is_constant(app, users, count_queries, n):
     client = login_client(app, "alice")
     counter = count_queries()
     with counter:
-        response = client.get("/")
+        response = client.get(url, headers=headers)
     assert response.status_code == 200
     assert response.get_data(as_text=True).count('class="conv-row"') == min(n, convs.LIST_PAGE)
     # user, rows with their unread counts, peers, system last lines (last_seen is touched at most
@@ -325,11 +326,34 @@ def test_chat_page_query_count_is_constant(app, users, count_queries, n):
     with counter:
         response = client.get(f"/conversations/{gid}")
     assert response.status_code == 200
-    # user, conversation+membership, mark read, messages, members, list rows with their unread
-    # counts, system last lines (no 1:1 in the list, so no peers query; nothing is read back after
-    # the commit); on PostgreSQL the read first takes the conversation's lock
-    # (conversations.lock_conversations)
-    assert counter.count == (8 if _is_pg(app) else 7), "\n".join(s[:90] for s in counter.statements)
+    # user, conversation+membership, newest message id, mark read, messages, members (the list
+    # comes by a request of its own; nothing is read back after the commit); on PostgreSQL the
+    # read first takes the conversation's lock (conversations.lock_conversations)
+    assert counter.count == (7 if _is_pg(app) else 6), "\n".join(s[:90] for s in counter.statements)
+
+
+def test_the_chat_page_leaves_the_list_to_a_request_of_its_own(app, setup):
+    with app.test_request_context():
+        bob = db.session.get(User, setup["bob"])
+        group = db.session.get(Conversation, setup["group"])
+        newest = msgs.send_message(bob, group, "newer than anything in the 1:1")[0].id
+    client = as_user(app, "alice")
+    chat = client.get(f"/conversations/{setup['direct']}").get_data(as_text=True)
+    assert 'class="conv-row"' not in chat
+    assert re.search(r'id="conversation-list"[^>]*data-loading[^>]*hx-get="/conversations"', chat)
+    # The socket asks for what came after the newest message of all the user's conversations,
+    # not only this one's: the list the page fetches next already shows the group's message.
+    assert f'data-newest="{newest}"' in chat
+    rows = client.get("/conversations", headers=HX)
+    body = rows.get_data(as_text=True)
+    assert rows.status_code == 200 and "<html" not in body and "data-loading" not in body
+    assert re.findall(r'id="conversation-(\d+)" class="conv-row"', body) == [str(setup["group"]), str(setup["direct"])]
+    assert re.search(rf'id="unread-{setup["group"]}" class="badge"\s*>1<', body)  # bob's: system lines are not unread
+    # Without JavaScript the same address is the list page.
+    plain = client.get("/conversations").get_data(as_text=True)
+    assert "<html" in plain and plain.count('class="conv-row"') == 2
+    anonymous = app.test_client().get("/conversations", headers=HX)
+    assert anonymous.status_code == 401
 
 
 def test_opening_a_read_conversation_again_writes_nothing(app, users, count_queries):

@@ -107,7 +107,33 @@
     }
   }
 
-  document.addEventListener("htmx:afterSwap", function () { orderRows(); updateTitle(); });
+  // The chat page fetches its list after it is shown (the placeholder carries data-loading).
+  // Rows pushed or replayed before the answer came are in the placeholder; each is kept when
+  // it is newer than the answer's row (a higher data-last-mid) or the answer lacks it.
+  var early = null;
+  document.addEventListener("htmx:beforeSwap", function (evt) {
+    var target = evt.detail.target;
+    if (target && target.id === "conversation-list" && target.hasAttribute("data-loading")) {
+      early = Array.prototype.slice.call(target.querySelectorAll(":scope > .conv-row"));
+    }
+  });
+
+  function keepEarlyRows() {
+    var rows = early, list = document.getElementById("conversation-list");
+    early = null;
+    if (!rows || !list) return;
+    function lastMid(r) { return parseInt(r.getAttribute("data-last-mid") || "0", 10); }
+    rows.forEach(function (r) {
+      var answer = document.getElementById(r.id);
+      if (!answer) list.insertBefore(r, list.firstChild);
+      else if (lastMid(r) > lastMid(answer)) answer.replaceWith(r);
+    });
+    if (rows.length) { var empty = document.getElementById("empty-list"); if (empty) empty.remove(); }
+    formatTimes(list);
+    markActive();
+  }
+
+  document.addEventListener("htmx:afterSwap", function () { keepEarlyRows(); orderRows(); updateTitle(); });
 
   document.addEventListener("htmx:oobAfterSwap", function (evt) {
     orderRows();
@@ -126,7 +152,7 @@
       return;
     }
     if (t && t.id === "ws-refresh") {
-      htmx.ajax("GET", "/", { target: "#conversation-list", swap: "outerHTML", select: "#conversation-list" });
+      htmx.ajax("GET", "/conversations", { target: "#conversation-list", swap: "outerHTML", select: "#conversation-list" });
     }
   });
 

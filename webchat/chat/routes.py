@@ -47,6 +47,16 @@ def index():
         return _fail(exc, _index_page)
 
 
+@bp.get("/conversations")
+@login_required
+def conversations():
+    """Return the first page of the conversation list for htmx (the chat page loads it so)."""
+    if not is_htmx():
+        return _index_page()
+    rows, next_cursor = convs.conversation_page(current_user.id)
+    return render_template("chat/_conversation_list.html", rows=rows, next_cursor=next_cursor)
+
+
 @bp.get("/users/search")
 @login_required
 def search_users():
@@ -92,19 +102,20 @@ def create_conversation():
 def _chat_page(cid, error: str | None = None, before=None):
     user_id = current_user.id
     conversation, membership = convs.get_conversation_for(user_id, cid, with_unread=True)
-    # Mark read first, so the list below shows this conversation read.
+    # The page's socket asks for what came after this id. Read before the messages: one that
+    # commits in between is then newer, or within replay's lookback, never skipped.
+    newest_id = msgs.newest_message_id(user_id)
     convs.mark_read(user_id, conversation, unread=membership.unread)
     messages = msgs.messages_page(conversation.id, before=before)
     members = convs.members_of(conversation.id)
-    rows, next_cursor = convs.conversation_page(user_id)
+    # The list is not here: the page fetches it with a request of its own (chat.conversations),
+    # which keeps opening a conversation as fast at 500 conversations as at 5.
     online = online_user_ids(redis_store.client, [u.id for _m, u in members if u.id != current_user.id])
     peer = next((u for _m, u in members if u.id != current_user.id), None) if not conversation.is_group else None
     return render_template(
         "chat/conversation.html", conversation=conversation, membership=membership, messages=messages,
-        members=members, rows=rows, next_cursor=next_cursor, peer=peer, online=online, error=error,
-        has_older=len(messages) == msgs.PAGE_SIZE,
-        newest_id=max([r.conversation.last_message_id or 0 for r in rows] + [conversation.last_message_id or 0]),
-        total_unread=sum(r.unread for r in rows), retention_days=current_app.config["RETENTION_DAYS"],
+        members=members, peer=peer, online=online, error=error, has_older=len(messages) == msgs.PAGE_SIZE,
+        newest_id=newest_id, retention_days=current_app.config["RETENTION_DAYS"],
         is_owner=conversation.owner_id == current_user.id,
     )
 
