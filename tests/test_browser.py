@@ -137,6 +137,11 @@ def test_chat_works_without_javascript(app, browser, live_server):
         page.fill("#compose-body", "no js here")
         page.click("#compose-send")
         expect(page.locator(".bubble").last).to_have_text("no js here")
+        # The chat page's list needs JavaScript to load; without it, a link leads to the list.
+        expect(page.locator(".conv-loading .js-only")).to_be_hidden()
+        page.click("#show-list-link")
+        expect(page).to_have_url(re.compile(r"/$"))
+        expect(page.locator(".conv-row")).to_have_count(1)
     finally:
         context.close()
 
@@ -222,7 +227,8 @@ def test_the_list_loads_more_rows_when_scrolled(app, page_factory):
     assert order() == list(range(convs.LIST_PAGE + 4, -1, -1))
 
 
-def test_a_row_pushed_before_the_chat_page_list_arrives_is_kept(app, page_factory):
+@pytest.mark.parametrize("answered", ["before the pushes", "after the pushes"])
+def test_a_row_pushed_before_the_chat_page_list_arrives_is_kept(app, page_factory, answered):
     from webchat.extensions import db
     from webchat.models import User
     from webchat.services import conversations as convs
@@ -232,14 +238,18 @@ def test_a_row_pushed_before_the_chat_page_list_arrives_is_kept(app, page_factor
         alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
         with_bob = convs.find_or_create_direct(alice, bob).id
         with_carol = convs.find_or_create_direct(alice, carol)
-        msgs.send_message(db.session.get(User, carol.id), with_carol, "carol's first")
-        with_carol, carol_id = with_carol.id, carol.id
+        newest = msgs.send_message(db.session.get(User, carol.id), with_carol, "carol's first")[0].id
+        with_carol, carol_id, bob_id = with_carol.id, carol.id, bob.id
     page = page_factory()
     sign_in(page, "alice")
+    sockets = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
     held = []
-    # The chat page's list request is answered by the server at once, but the answer is held back
-    # until a newer row has been pushed: the answer is then older than what the page shows.
-    page.route("**/conversations", lambda route: held.append((route, route.fetch())))
+    # The chat page's list request is held back until rows have been pushed into the placeholder.
+    # Answered by the server at once, the answer is then older than what the page shows; answered
+    # after the pushes, it holds the same rows (and htmx settles them over the pushed ones).
+    stale = answered == "before the pushes"
+    page.route("**/conversations", lambda route: held.append((route, route.fetch() if stale else None)))
     page.goto(f"/conversations/{with_bob}")
     expect(page.locator("#conversation-list[data-loading]")).to_have_count(1)
     for _ in range(100):
@@ -247,20 +257,35 @@ def test_a_row_pushed_before_the_chat_page_list_arrives_is_kept(app, page_factor
             break
         page.wait_for_timeout(100)
     assert len(held) == 1
-    # Pushed live, or replayed when the socket opens: either way it lands in the placeholder.
+    # The socket starts after the newest message of all alice's conversations (carol's), not after
+    # the newest of the one on screen: nothing older is replayed.
+    expect(page.locator("#live")).to_have_attribute("data-newest", str(newest))
+    assert sockets and sockets[-1].endswith(f"after={newest}"), sockets
+    # Pushed live, or replayed when the socket opens: either way they land in the placeholder.
     with app.test_request_context():
         msgs.send_message(db.session.get(User, carol_id), convs.get_conversation_for(carol_id, with_carol)[0],
                           "carol again")
+        msgs.send_message(db.session.get(User, bob_id), convs.get_conversation_for(bob_id, with_bob)[0],
+                          "bob, on screen")
     early = page.locator(f"#conversation-list[data-loading] #conversation-{with_carol}")
     expect(early).to_contain_text("carol again")
+    expect(page.locator(f"#conversation-list[data-loading] #conversation-{with_bob}")).to_contain_text("bob, on screen")
     route, answer = held.pop()
-    assert "carol again" not in answer.text() and "carol&#39;s first" in answer.text()
+    answer = answer or route.fetch()
+    assert ("carol again" in answer.text()) is not stale
     route.fulfill(response=answer)
     expect(page.locator("#conversation-list[data-loading]")).to_have_count(0)
     expect(page.locator(f"#conversation-{with_bob}")).to_have_count(1)
+    expect(page.locator(f"#conversation-{with_bob}")).to_contain_text("bob, on screen")
     row = page.locator(f"#conversation-{with_carol}")
     expect(row).to_have_count(1)
     expect(row).to_contain_text("carol again")
     expect(page.locator(f"#unread-{with_carol}")).to_have_text("2")
-    expect(page.locator(".conv-row").first).to_have_attribute("id", f"conversation-{with_carol}")
+    expect(page.locator(".conv-row").first).to_have_attribute("id", f"conversation-{with_bob}")
+    # The row on screen stays marked, its badge empty (htmx restores a swapped element's server
+    # attributes when it settles: the page marks it after that).
+    page.wait_for_timeout(300)
     expect(page.locator(f"#conversation-{with_bob}")).to_have_class(re.compile(r"\bactive\b"))
+    expect(page.locator(f"#unread-{with_bob}")).to_be_hidden()
+    expect(page).to_have_title(re.compile(r"^\(2\) "))
+

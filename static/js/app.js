@@ -5,7 +5,10 @@
   var socket = null;      // htmx ws wrapper (publicInterface)
 
   function newestId() {
-    var n = live ? parseInt(live.getAttribute("data-newest") || "0", 10) : 0;
+    // htmx opens the socket on DOMContentLoaded before this file's own handler has run: look
+    // #live up here rather than rely on `live` being set.
+    var el = live || document.getElementById("live");
+    var n = el ? parseInt(el.getAttribute("data-newest") || "0", 10) : 0;
     document.querySelectorAll("[data-mid]").forEach(function (el) {
       var m = parseInt(el.getAttribute("data-mid"), 10);
       if (m > n) n = m;
@@ -130,10 +133,16 @@
     });
     if (rows.length) { var empty = document.getElementById("empty-list"); if (empty) empty.remove(); }
     formatTimes(list);
+    orderRows();
     markActive();
+    updateTitle();
   }
 
-  document.addEventListener("htmx:afterSwap", function () { keepEarlyRows(); orderRows(); updateTitle(); });
+  document.addEventListener("htmx:afterSwap", function () { orderRows(); updateTitle(); });
+  // After settling: htmx gives an element whose id was already on the page (a row pushed into
+  // the placeholder) its server attributes back only when it settles, which would undo the
+  // merge's choices and the active row's class if they were made at swap time.
+  document.addEventListener("htmx:afterSettle", function () { keepEarlyRows(); });
 
   document.addEventListener("htmx:oobAfterSwap", function (evt) {
     orderRows();
