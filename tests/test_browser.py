@@ -289,3 +289,23 @@ def test_a_row_pushed_before_the_chat_page_list_arrives_is_kept(app, page_factor
     expect(page.locator(f"#unread-{with_bob}")).to_be_hidden()
     expect(page).to_have_title(re.compile(r"^\(2\) "))
 
+
+def test_people_ticked_in_one_search_stay_picked_after_the_next(app, page_factory):
+    with app.app_context():
+        for name in ("alice", "ben", "cat"):
+            make_user(name)
+    page = page_factory()
+    sign_in(page, "alice")
+    page.goto("/conversations/new")
+    page.fill("#group-name", "Picked")
+    page.fill("#group-search-q", "ben")
+    page.locator("#group-search-results li[data-username=ben] input").check()
+    page.fill("#group-search-q", "cat")
+    expect(page.locator("#group-search-results li[data-username=cat]")).to_have_count(1)
+    page.locator("#group-search-results li[data-username=cat] input").check()
+    expect(page.locator("#group-form li[data-username=ben] input")).to_be_checked()
+    expect(page.locator("#group-form li[data-username=cat] input")).to_be_checked()
+    page.click("#create-group-button")
+    expect(page).to_have_url(re.compile(r"/conversations/\d+$"))
+    page.click("#chat-menu summary")
+    expect(page.locator("#member-list li")).to_have_count(3)

@@ -37,19 +37,26 @@
     document.title = (total ? "(" + total + ") " : "") + base;
   }
 
+  // Times in the page's language; the browser's own conventions when it speaks that language
+  // (an English page keeps a British or American browser's clock).
+  function timeLocales() {
+    var page = document.documentElement.lang || "", browser = navigator.language || "";
+    return page && browser.split("-")[0] !== page.split("-")[0] ? [page] : [];
+  }
+
   function formatTimes(root) {
-    var now = new Date();
+    var now = new Date(), locales = timeLocales();
     (root || document).querySelectorAll("time[data-fmt]").forEach(function (t) {
       var v = t.getAttribute("datetime");
       if (!v) return;
       var d = new Date(v);
       if (isNaN(d)) return;
-      var hm = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+      var hm = d.toLocaleTimeString(locales, { hour: "2-digit", minute: "2-digit" });
       if (t.getAttribute("data-fmt") === "time") { t.textContent = hm; return; }
       var days = Math.floor((new Date(now.toDateString()) - new Date(d.toDateString())) / 86400000);
       if (days === 0) t.textContent = hm;
-      else if (days < 7) t.textContent = d.toLocaleDateString([], { weekday: "short" });
-      else t.textContent = d.toLocaleDateString();
+      else if (days < 7) t.textContent = d.toLocaleDateString(locales, { weekday: "short" });
+      else t.textContent = d.toLocaleDateString(locales);
     });
   }
 
@@ -180,6 +187,20 @@
     if (evt.detail.event && evt.detail.event.code === 1008 && !leaving) {
       setTimeout(function () { if (!leaving) window.location.reload(); }, 300);
     }
+  });
+
+  // New group: someone ticked in the search results joins the members list, so the next search
+  // (which replaces the results) does not drop them.
+  document.addEventListener("change", function (evt) {
+    var box = evt.target;
+    if (!box.matches || !box.matches("#group-search-results input[name=member_ids]") || !box.checked) return;
+    var members = document.querySelector("#group-form .user-results"), item = box.closest("li");
+    if (!members || !item) return;
+    var same = members.querySelector("input[name=member_ids][value='" + box.value + "']");
+    if (same) { same.checked = true; item.remove(); return; }
+    var hint = members.querySelector("li.muted");
+    if (hint) hint.remove();
+    members.appendChild(item);
   });
 
   function freshClientId(form) {
