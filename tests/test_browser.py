@@ -309,3 +309,26 @@ def test_people_ticked_in_one_search_stay_picked_after_the_next(app, page_factor
     expect(page).to_have_url(re.compile(r"/conversations/\d+$"))
     page.click("#chat-menu summary")
     expect(page.locator("#member-list li")).to_have_count(3)
+
+
+def test_times_follow_the_page_language_in_a_browser_of_another(app, browser, live_server):
+    from webchat.services import conversations as convs
+    from webchat.services import messages as msgs
+
+    with app.test_request_context():
+        alice, bob = make_user("alice"), make_user("bob")
+        direct = convs.find_or_create_direct(alice, bob)
+        msgs.send_message(alice, direct, "what time is it?")
+        cid = direct.id
+    context = browser.new_context(base_url=live_server.url, locale="en-US")
+    try:
+        page = context.new_page()
+        sign_in(page, "alice")
+        page.goto(f"/conversations/{cid}")
+        stamp = page.locator(f"#messages-{cid} time").first
+        expect(stamp).to_have_text(re.compile(r"^\d\d:\d\d [AP]M$"))  # the American browser's clock
+        page.goto(f"/conversations/{cid}?lang=zh")
+        expect(page.locator("html")).to_have_attribute("lang", "zh-CN")
+        expect(stamp).to_have_text(re.compile(r"^\d\d:\d\d$"))  # the page's language: a 24-hour clock
+    finally:
+        context.close()
