@@ -209,6 +209,18 @@ def test_hidden_conversation_returns_on_new_message_with_unread(people):
     assert [(r.id, r.unread) for r in rows] == [(direct.id, 2)]
 
 
+def test_starting_a_hidden_conversation_again_brings_it_back(people):
+    direct = convs.find_or_create_direct(people["alice"], people["bob"])
+    msgs.send_message(people["alice"], direct, "one")
+    convs.hide(people["bob"], direct, db.session.get(Membership, (direct.id, people["bob"].id)))
+    assert convs.conversation_list(people["bob"].id) == []
+    assert convs.start_direct(people["bob"], username="alice").id == direct.id
+    assert [r.id for r in convs.conversation_list(people["bob"].id)] == [direct.id]
+    # Only for the one who starts it: alice hid nothing, and starting it again changes nothing.
+    assert convs.start_direct(people["alice"], user_id=people["bob"].id).id == direct.id
+    assert [r.id for r in convs.conversation_list(people["alice"].id)] == [direct.id]
+
+
 @pytest.mark.parametrize("body, image, message", [
     ("", None, "Write something"), ("   \n ", None, "Write something"), ("x" * 4001, None, "at most 4000"),
 ])

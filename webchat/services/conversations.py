@@ -113,7 +113,10 @@ def find_or_create_direct(a: User, b: User) -> Conversation:
 
 
 def start_direct(me: User, user_id=None, username: str | None = None) -> Conversation:
-    """Open the 1:1 conversation with the user named by id or username, creating it once."""
+    """Open the 1:1 conversation with the user named by id or username, creating it once.
+
+    Starting a conversation one has hidden brings it back to one's list, as a new message would.
+    """
     from .accounts import find_user_by_username
 
     other = None
@@ -123,7 +126,18 @@ def start_direct(me: User, user_id=None, username: str | None = None) -> Convers
         other = find_user_by_username(username)
     if other is None:
         raise NotFound(_l("No such user."))
-    return find_or_create_direct(me, other)
+    conversation = find_or_create_direct(me, other)
+    unhidden = db.session.execute(
+        update(Membership).where(Membership.conversation_id == conversation.id, Membership.user_id == me.id,
+                                 Membership.hidden_through.is_not(None))
+        .values(hidden_through=None)).rowcount
+    if unhidden:
+        db.session.commit()
+        sync_loaded(Membership, (conversation.id, me.id), {"hidden_through": None})
+        from ..realtime import bus
+
+        bus.conversation_changed(conversation.id, user_ids=[me.id])
+    return conversation
 
 
 def _parse_ids(ids) -> list[int]:
