@@ -71,15 +71,16 @@ def _persist(sender: str, to: str, text: str, send: dict) -> None:
 def _webchat_send(cid: int, uid: int, text: str, client_id: str | None) -> None:
     """Run webchat's send transaction (relay-sql): its statements, the values its send route passes."""
     from datetime import datetime, timezone
+    from types import SimpleNamespace
 
     from webchat.services.conversations import _MEMBER_STATES
-    from webchat.services.messages import _SEND
+    from webchat.services.messages import _SEND, preview_of
 
     with _engine.begin() as conn:
         row = conn.execute(_SEND, {
             "p_conversation_id": cid, "p_sender_id": uid, "p_kind": "text", "p_body": text, "p_image_id": None,
             "p_client_id": client_id, "p_created_at": datetime.now(timezone.utc),
-            "p_text": " ".join(text.split())[:200], "p_image_only": False}).one_or_none()
+            "p_text": preview_of(SimpleNamespace(kind="text", body=text)), "p_image_only": False}).one_or_none()
         if row is None:
             raise LookupError("not an active member")
         conn.execute(_MEMBER_STATES, {"cid": cid}).all()

@@ -77,6 +77,12 @@
 
   // Before an out-of-band swap: a message already on the page is never added twice, and an
   // updated conversation row replaces the old one at the top of the list.
+  // The list's "no conversations yet" note goes once a row is there.
+  function dropEmptyNote() {
+    var empty = document.getElementById("empty-list");
+    if (empty) empty.remove();
+  }
+
   document.addEventListener("htmx:oobBeforeSwap", function (evt) {
     var frag = evt.detail.fragment;
     if (!frag || !frag.querySelectorAll) return;
@@ -86,8 +92,7 @@
     frag.querySelectorAll(".conv-row[id^='conversation-']").forEach(function (el) {
       var old = document.getElementById(el.id);
       if (old) old.remove();
-      var empty = document.getElementById("empty-list");
-      if (empty) empty.remove();
+      dropEmptyNote();
     });
   });
 
@@ -138,7 +143,7 @@
       if (!answer) list.insertBefore(r, list.firstChild);
       else if (lastMid(r) > lastMid(answer)) answer.replaceWith(r);
     });
-    if (rows.length) { var empty = document.getElementById("empty-list"); if (empty) empty.remove(); }
+    if (rows.length) dropEmptyNote();
     formatTimes(list);
     orderRows();
     markActive();
