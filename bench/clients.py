@@ -33,6 +33,7 @@ class Sent:
     received: int = 0
     done: asyncio.Event | None = None
     acked: bool = False
+    group: bool = False
 
 
 @dataclass
@@ -42,14 +43,16 @@ class Recorder:
     sent: dict[int, Sent] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
     latency_sent_at: list[float] = field(default_factory=list)  # the send time of each latency above
+    by_kind: dict[bool, list[float]] = field(default_factory=lambda: {False: [], True: []})  # by Sent.group
     send_latencies: list[float] = field(default_factory=list)  # HTTP round trip / WS write
     send_sent_at: list[float] = field(default_factory=list)
     errors: Counter = field(default_factory=Counter)
     frames: int = 0
     frame_bytes: int = 0
 
-    def expect(self, seq: int, members: frozenset[int], expected: int, wait: bool = False) -> Sent:
-        item = Sent(time.perf_counter(), members, expected, done=asyncio.Event() if wait else None)
+    def expect(self, seq: int, members: frozenset[int], expected: int, wait: bool = False,
+               group: bool = False) -> Sent:
+        item = Sent(time.perf_counter(), members, expected, done=asyncio.Event() if wait else None, group=group)
         self.sent[seq] = item
         return item
 
@@ -70,6 +73,7 @@ class Recorder:
                 continue
             self.latencies.append(now - item.t0)
             self.latency_sent_at.append(item.t0)
+            self.by_kind[item.group].append(now - item.t0)
             item.received += 1
             if item.done is not None and item.received >= item.expected:
                 item.done.set()

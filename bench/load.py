@@ -116,7 +116,7 @@ class Run:
             own = [s for s in self.by_user.get(sender.index, ()) if s.open]
             if not own:
                 via = "http"
-        item = self.recorder.expect(seq, frozenset(conv.members), expected, wait=wait)
+        item = self.recorder.expect(seq, frozenset(conv.members), expected, wait=wait, group=conv.is_group)
         try:
             if via == "http":
                 error = await self.target.send_http(sender, conv, text, client_id)
@@ -190,6 +190,8 @@ class Run:
             "deliveries_expected": expected,
             "deliveries_lost": rec.lost(),
             "delivery": latency_summary(rec.latencies),
+            "delivery_direct": latency_summary(rec.by_kind[False]),
+            "delivery_group": latency_summary(rec.by_kind[True]),
             "send": latency_summary(rec.send_latencies),
             "errors": dict(rec.errors),
             **extra,
@@ -211,6 +213,9 @@ class Run:
         print(f"  deliveries {result['deliveries']}/{expected}  not arrived by the end {result['deliveries_lost']}  "
               f"(frames received {rec.frames}, {rec.frame_bytes / 2**20:.1f} MB)")
         print(f"  delivery latency: {fmt_latency(result['delivery'])}")
+        if rec.by_kind[True]:
+            print(f"    of 1:1 messages: {fmt_latency(result['delivery_direct'])}")
+            print(f"    of group messages: {fmt_latency(result['delivery_group'])}")
         print(f"  send latency (HTTP reply / WS write): {fmt_latency(result['send'])}")
         print(f"  errors: {result['errors'] or 'none'}")
         for name, label in (("server", "server (gunicorn tree)"), ("loadgen", "load generator"),
