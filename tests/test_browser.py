@@ -332,3 +332,41 @@ def test_times_follow_the_page_language_in_a_browser_of_another(app, browser, li
         expect(stamp).to_have_text(re.compile(r"^\d\d:\d\d$"))  # the page's language: a 24-hour clock
     finally:
         context.close()
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_the_compose_box_says_what_it_is_on_a_phone_and_how_to_send_on_a_desktop(app, browser, live_server, lang):
+    from webchat.services import conversations as convs
+
+    with app.test_request_context():
+        alice, bob = make_user("alice"), make_user("bob")
+        cid = convs.find_or_create_direct(alice, bob).id
+    phone = browser.new_context(base_url=live_server.url, viewport={"width": 390, "height": 844},
+                                is_mobile=True, has_touch=True)
+    desktop = browser.new_context(base_url=live_server.url, viewport={"width": 1280, "height": 800})
+    try:
+        for context in (phone, desktop):
+            page = context.new_page()
+            sign_in(page, "alice")
+            page.goto(f"/conversations/{cid}?lang={lang}")
+            box = page.locator("#compose-body")
+            expect(box).to_be_visible()
+            # The placeholder, in the box's own font, fits inside the box's text area.
+            room, needed = box.evaluate("""el => {
+                const style = getComputedStyle(el);
+                const ctx = document.createElement("canvas").getContext("2d");
+                ctx.font = `${style.fontStyle} ${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+                const room = el.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+                return [room, ctx.measureText(el.placeholder).width];
+            }""")
+            assert needed <= room, f"{'phone' if context is phone else 'desktop'}: placeholder {needed}px in {room}px"
+            hint = page.locator("#compose-hint")
+            expect(box).to_have_attribute("aria-describedby", "compose-hint")
+            if context is phone:
+                expect(hint).to_be_hidden()  # touch keyboards have their own send key
+            else:
+                expect(hint).to_be_visible()
+                expect(hint).to_contain_text("Shift+Enter")
+    finally:
+        phone.close()
+        desktop.close()

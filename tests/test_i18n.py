@@ -85,7 +85,7 @@ def test_signed_in_chat_page_in_chinese(app, client, users, auth):
     days = app.config["RETENTION_DAYS"]
     assert re.search(r'id="retention-note">\s*消息将在 %d 天后自动消失。\s*<' % days, html), "retention note"
     assert re.search(r'<button[^>]*id="compose-send"[^>]*>\s*发送\s*</button>', html), "compose button"
-    assert "输入消息（Enter 发送，Shift+Enter 换行）" in html
+    assert 'placeholder="输入消息"' in html and "Enter 发送，Shift+Enter 换行。" in html
     assert "退出登录" in html and "发起群聊" in html
     assert "Messages disappear" not in html
     # And the same page without the cookie's choice is English.
