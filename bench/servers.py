@@ -65,6 +65,8 @@ def create_database(dbname: str) -> str:
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{dbname}"')
+        if os.environ.get("BENCH_ASYNC_COMMIT"):
+            conn.execute(f'ALTER DATABASE "{dbname}" SET synchronous_commit = off')
     return pg_url(dbname)
 
 
