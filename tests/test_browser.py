@@ -363,7 +363,7 @@ def test_the_compose_box_says_what_it_is_on_a_phone_and_how_to_send_on_a_desktop
             hint = page.locator("#compose-hint")
             expect(box).to_have_attribute("aria-describedby", "compose-hint")
             if context is phone:
-                expect(hint).to_be_hidden()  # touch keyboards have their own send key
+                expect(hint).to_be_hidden()  # no room on a phone, and no Shift key to combine
             else:
                 expect(hint).to_be_visible()
                 expect(hint).to_contain_text("Shift+Enter")
