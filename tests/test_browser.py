@@ -370,3 +370,106 @@ def test_the_compose_box_says_what_it_is_on_a_phone_and_how_to_send_on_a_desktop
     finally:
         phone.close()
         desktop.close()
+
+
+def test_group_changes_show_at_once_in_an_open_group(app, page_factory):
+    """Renaming, adding and leaving add system lines: an open group shows them and its new header live."""
+    from webchat.services import conversations as convs
+
+    with app.test_request_context():
+        alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+        make_user("dave")
+        gid = convs.create_group(alice, "Old name", [bob.id, carol.id]).id
+    owner, viewer = page_factory(), page_factory()
+    sign_in(owner, "alice")
+    sign_in(viewer, "bob")
+    viewer.goto(f"/conversations/{gid}")
+    expect(viewer.locator(f"#messages-{gid} .msg.system")).to_have_count(1)
+
+    owner.goto(f"/conversations/{gid}")
+    owner.click("#chat-menu summary")
+    owner.fill("#group-name-input", "New name")
+    owner.click("#group-settings-form button[type=submit]")
+    expect(viewer.locator(f"#messages-{gid} .msg.system").last).to_contain_text("renamed the group to “New name”")
+    expect(viewer.locator("#chat-title")).to_have_text("New name")
+    expect(viewer.locator(f"#conversation-{gid}")).to_contain_text("New name")
+
+    owner.click("#chat-menu summary")
+    owner.fill("#add-members-input", "dave")
+    owner.click("#add-members-form button[type=submit]")
+    expect(viewer.locator(f"#messages-{gid} .msg.system").last).to_contain_text("added Dave")
+    expect(viewer.locator("#member-list li")).to_have_count(4)
+
+    owner.click("#chat-menu summary")
+    owner.click("#leave-button")
+    expect(viewer.locator(f"#messages-{gid} .msg.system").last).to_contain_text("Alice left the group")
+    # Bob joined before Carol and Dave: the group is his now, with the owner's controls.
+    expect(viewer.locator("#member-list li")).to_have_count(3)
+    expect(viewer.locator("#disband-button")).to_have_count(1)
+    # Each line once; and a new message after them still arrives.
+    expect(viewer.locator(f"#messages-{gid} .msg.system")).to_have_count(4)
+    viewer.fill("#compose-body", "still here")
+    viewer.press("#compose-body", "Enter")
+    expect(viewer.locator(f"#messages-{gid} .bubble").last).to_have_text("still here")
+
+
+def test_a_phone_keyboard_enter_starts_a_new_line(app, browser, live_server):
+    from webchat.services import conversations as convs
+
+    with app.test_request_context():
+        alice, bob = make_user("alice"), make_user("bob")
+        cid = convs.find_or_create_direct(alice, bob).id
+    context = browser.new_context(base_url=live_server.url, viewport={"width": 390, "height": 844},
+                                  is_mobile=True, has_touch=True)
+    try:
+        page = context.new_page()
+        sign_in(page, "alice")
+        page.goto(f"/conversations/{cid}")
+        page.fill("#compose-body", "line one")
+        page.press("#compose-body", "Enter")
+        page.type("#compose-body", "line two")
+        expect(page.locator("#compose-body")).to_have_value("line one\nline two")
+        expect(page.locator(f"#messages-{cid} .bubble")).to_have_count(0)
+        page.tap("#compose-send")
+        expect(page.locator(f"#messages-{cid} .bubble").last).to_have_text("line one\nline two")
+        expect(page.locator("#compose-body")).to_have_value("")
+    finally:
+        context.close()
+
+
+def test_what_is_typed_while_a_message_is_sending_is_kept(app, page_factory):
+    from webchat.services import conversations as convs
+
+    with app.test_request_context():
+        alice, bob = make_user("alice"), make_user("bob")
+        cid = convs.find_or_create_direct(alice, bob).id
+    page = page_factory()
+    sign_in(page, "alice")
+    page.goto(f"/conversations/{cid}")
+    held = []
+    page.route(f"**/conversations/{cid}/messages", lambda route: held.append(route))
+
+    def wait_held():
+        for _ in range(100):  # route handlers run while Playwright waits
+            if held:
+                return
+            page.wait_for_timeout(50)
+        raise AssertionError("the send never left")
+
+    page.fill("#compose-body", "first")
+    page.press("#compose-body", "Enter")
+    wait_held()
+    expect(page.locator("#compose-body")).to_have_value("")  # it empties as the message leaves
+    page.type("#compose-body", "second, typed meanwhile")
+    held.pop().continue_()
+    expect(page.locator(f"#messages-{cid} .bubble").last).to_have_text("first")
+    expect(page.locator("#compose-body")).to_have_value("second, typed meanwhile")
+
+    # A send that fails puts its text back, before what was typed since.
+    page.fill("#compose-body", "")
+    page.fill("#compose-body", "x" * 10)
+    page.press("#compose-body", "Enter")
+    wait_held()
+    page.type("#compose-body", "more")
+    held.pop().fulfill(status=422, body="<p>no</p>")
+    expect(page.locator("#compose-body")).to_have_value("x" * 10 + "\nmore")

@@ -83,11 +83,26 @@
     if (empty) empty.remove();
   }
 
+  // A system line (created, added, removed, left, renamed) in the open conversation changes
+  // what its header shows (name, members, owner's controls): fetch the header again.
+  var headTimer = null;
+  function refreshHead() {
+    var liveEl = document.getElementById("live"), cid = liveEl && liveEl.getAttribute("data-conversation-id");
+    if (!cid || !document.querySelector(".chat-head")) return;
+    clearTimeout(headTimer);
+    headTimer = setTimeout(function () {
+      htmx.ajax("GET", "/conversations/" + cid, { target: ".chat-head", select: ".chat-head", swap: "outerHTML" });
+    }, 100);
+  }
+
   document.addEventListener("htmx:oobBeforeSwap", function (evt) {
     var frag = evt.detail.fragment;
     if (!frag || !frag.querySelectorAll) return;
+    var liveEl = document.getElementById("live"), open = liveEl && liveEl.getAttribute("data-conversation-id");
     frag.querySelectorAll("[id^='message-']").forEach(function (el) {
-      if (document.getElementById(el.id)) el.remove();
+      if (document.getElementById(el.id)) { el.remove(); return; }
+      if (open && el.classList.contains("system") && evt.detail.target &&
+          evt.detail.target.id === "messages-" + open) refreshHead();
     });
     frag.querySelectorAll(".conv-row[id^='conversation-']").forEach(function (el) {
       var old = document.getElementById(el.id);
@@ -228,21 +243,38 @@
     }
   });
 
+  // The box empties as soon as a message leaves, so what is typed meanwhile is kept; a send
+  // that fails puts its text back in front of it.
+  document.addEventListener("htmx:beforeSend", function (evt) {
+    var form = evt.detail.elt;
+    if (!form || form.id !== "compose-form") return;
+    var box = form.querySelector("#compose-body");
+    form._sending = box.value;
+    box.value = "";
+  });
+
   document.addEventListener("htmx:afterRequest", function (evt) {
     var form = evt.detail.elt;
     if (!form || form.id !== "compose-form") return;
+    var box = form.querySelector("#compose-body"), sent = form._sending || "";
+    form._sending = null;
     if (evt.detail.successful) {
-      form.reset();
+      form.querySelector("#compose-image").value = "";
       form.querySelector("#compose-client-id").value = "";
       var flash = document.getElementById("flash"); if (flash) flash.innerHTML = "";
       scrollToBottom(true);
+    } else if (sent) {
+      box.value = box.value ? sent + "\n" + box.value : sent;
     }
   });
+
+  // On a touch screen Enter starts a new line (there is no Shift to hold); the button sends.
+  var touchOnly = window.matchMedia && window.matchMedia("(hover: none) and (pointer: coarse)").matches;
 
   var lastTyping = 0;
   document.addEventListener("keydown", function (evt) {
     if (evt.target.id !== "compose-body") return;
-    if (evt.key === "Enter" && !evt.shiftKey && !evt.isComposing) {
+    if (evt.key === "Enter" && !evt.shiftKey && !evt.isComposing && !touchOnly) {
       evt.preventDefault();
       var form = evt.target.form;
       if (evt.target.value.trim() || form.querySelector("#compose-image").files.length) form.requestSubmit();

@@ -40,8 +40,9 @@ def publish(event: dict) -> bool:
             return False
 
 
-def conversation_changed(cid: int, user_ids=None, removed_user_ids=None) -> None:
-    publish({"type": "conversation", "cid": cid, "uids": user_ids, "removed": removed_user_ids or []})
+def conversation_changed(cid: int, user_ids=None, removed_user_ids=None, line: int | None = None) -> None:
+    """Refresh the conversation's list rows; `line` is the system line the change added (pushed with them)."""
+    publish({"type": "conversation", "cid": cid, "uids": user_ids, "removed": removed_user_ids or [], "mid": line})
 
 
 def conversation_removed(cid: int, user_ids) -> None:

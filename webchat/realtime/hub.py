@@ -20,6 +20,7 @@ from flask_babel import force_locale
 from flask_babel import lazy_gettext as _l
 from markupsafe import Markup
 from sqlalchemy import select
+from sqlalchemy.orm import joinedload
 from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import TextMessage
@@ -404,7 +405,7 @@ class Hub:
             if "states" in event:
                 self.plan_delivery(out, event)
         elif kind == "conversation":
-            self.plan_rows(out, int(event["cid"]), event.get("uids"), event.get("removed") or [])
+            self.plan_rows(out, int(event["cid"]), event.get("uids"), event.get("removed") or [], event.get("mid"))
         elif kind == "removed":
             for uid in event.get("uids") or []:
                 for client in self.clients_of(int(uid)):
@@ -516,8 +517,12 @@ class Hub:
         title = peer.name if peer else str(_l("Deleted user"))
         return ConversationRow(conversation, title, peer.avatar_id if peer else None, peer, unread)
 
-    def plan_rows(self, out: list, cid: int, uids, removed_uids) -> None:
-        """Fresh list rows of one conversation for local members (or for the given users)."""
+    def plan_rows(self, out: list, cid: int, uids, removed_uids, line_id=None) -> None:
+        """Fresh list rows of one conversation for local members (or for the given users).
+
+        When the change added a system line (created, added, removed, left, renamed), each member
+        gets it with their row, as a new message: an open conversation shows it at once.
+        """
         from ..services.conversations import rows_for_members
 
         with self.lock:
@@ -530,16 +535,22 @@ class Hub:
         if not wanted:
             return
         rows = rows_for_members(cid, wanted)
+        line = None
+        if line_id is not None and rows:
+            line = db.session.scalar(select(Message).options(joinedload(Message.sender)).where(
+                Message.id == int(line_id), Message.conversation_id == cid))
         for uid in wanted:
             if uid not in rows and uids is None:
                 continue  # not a member: nothing to show or take away
             row = rows.get(uid)
             for client in self.clients_of(uid):
                 if row is None:  # hidden, or no longer a member
-                    html = self._render(client, "realtime/_removed.html", cid=cid)
+                    out.append(partial(client.send, self._render(client, "realtime/_removed.html", cid=cid)))
+                elif line is not None:
+                    out.append(partial(client.send, self._render(client, "realtime/_message_frame.html", message=line,
+                                                                 row=row, me_id=uid), mid=line.id))
                 else:
-                    html = self._render(client, "realtime/_row_frame.html", row=row)
-                out.append(partial(client.send, html))
+                    out.append(partial(client.send, self._render(client, "realtime/_row_frame.html", row=row)))
 
     def replay(self, client: Client, after: int, page: int = 500, max_pages: int = 10) -> int:
         """Send, in order, the messages newer than `after` in the client's conversations.

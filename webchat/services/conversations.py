@@ -204,10 +204,10 @@ def create_group(owner: User, name: str, member_ids, image=None) -> Conversation
         _add_member(conversation, owner.id, role="owner")
         for user in members:
             _add_member(conversation, user.id)
-        system_message(conversation, owner, "created", name)
+        line = system_message(conversation, owner, "created", name)
     from ..realtime import bus
 
-    bus.conversation_changed(conversation.id)
+    bus.conversation_changed(conversation.id, line=line.id)
     return conversation
 
 
@@ -240,10 +240,10 @@ def add_members(actor: User, conversation: Conversation, member_ids) -> list[Use
         if conversation.last_message_id:
             db.session.flush()
             _recount_read(conversation.id, Unread.user_id.in_([u.id for u in users]))
-        system_message(conversation, actor, "added", ", ".join(u.name for u in users))
+        line = system_message(conversation, actor, "added", ", ".join(u.name for u in users))
     from ..realtime import bus
 
-    bus.conversation_changed(conversation.id)
+    bus.conversation_changed(conversation.id, line=line.id)
     return users
 
 
@@ -260,10 +260,10 @@ def remove_member(actor: User, conversation: Conversation, user_id) -> None:
     with transaction():
         lock_conversations([conversation.id])  # before the member's rows, as a send takes them
         db.session.delete(membership)
-        system_message(conversation, actor, "removed", removed.name)
+        line = system_message(conversation, actor, "removed", removed.name)
     from ..realtime import bus
 
-    bus.conversation_changed(conversation.id, removed_user_ids=[user_id])
+    bus.conversation_changed(conversation.id, removed_user_ids=[user_id], line=line.id)
 
 
 def leave(user: User, conversation: Conversation) -> None:
@@ -285,19 +285,20 @@ def leave(user: User, conversation: Conversation) -> None:
             others[0].role = "owner"
         db.session.execute(delete(Membership).where(
             Membership.conversation_id == conversation.id, Membership.user_id == user.id))
-        system_message(conversation, user, "left", user.name)
+        line = system_message(conversation, user, "left", user.name)
     from ..realtime import bus
 
-    bus.conversation_changed(conversation.id, removed_user_ids=[user.id])
+    bus.conversation_changed(conversation.id, removed_user_ids=[user.id], line=line.id)
 
 
 def update_group(actor: User, conversation: Conversation, name: str | None = None, image=None) -> None:
     """Rename a group and/or change its picture (owner only)."""
     _require_group_owner(actor, conversation)
+    line = None
     with transaction():
         if name is not None and name.strip() != (conversation.name or ""):
             conversation.name = _check_group_name(name)
-            system_message(conversation, actor, "renamed", conversation.name)
+            line = system_message(conversation, actor, "renamed", conversation.name)
         if has_file(image):
             old = conversation.image_id
             conversation.image_id = store_upload(image, conversation_id=conversation.id).id
@@ -305,7 +306,7 @@ def update_group(actor: User, conversation: Conversation, name: str | None = Non
                 db.session.execute(delete(Image).where(Image.id == old))
     from ..realtime import bus
 
-    bus.conversation_changed(conversation.id)
+    bus.conversation_changed(conversation.id, line=line.id if line else None)
 
 
 def hide(user: User, conversation: Conversation, membership: Membership) -> None:
