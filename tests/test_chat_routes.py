@@ -147,6 +147,23 @@ def test_create_group_route(app, setup):
     assert too_few.status_code == 422 and "at least 2" in too_few.get_data(as_text=True)
 
 
+def test_a_refused_group_comes_back_as_it_was_filled_in(app, setup):
+    """Dave has no 1:1s: the people he picked come back from their ids, still ticked, with the name."""
+    client = as_user(app, "dave")
+    response = client.post("/conversations", data={"name": "Trip <3", "member_ids": [setup["bob"]]})
+    html = response.get_data(as_text=True)
+    assert response.status_code == 422
+    assert 'id="group-form"' in html and "Pick at least 2 other people" in html
+    assert re.search(r'id="group-name"[^>]*value="Trip &lt;3"', html)
+    assert re.search(r'value="%d" checked' % setup["bob"], html)
+    assert f'value="{setup["carol"]}"' not in html  # not picked, not a contact of Dave's
+    # Ids that are not people are refused, and left out of the form shown again.
+    response = client.post("/conversations", data={"name": "Trip", "member_ids": [setup["bob"], "junk", 2**40]})
+    html = response.get_data(as_text=True)
+    assert response.status_code == 422 and "Some of those people do not exist." in html
+    assert re.search(r'value="%d" checked' % setup["bob"], html) and "junk" not in html
+
+
 def test_send_over_htmx_answers_201_with_the_fragment(app, setup):
     client = as_user(app, "alice")
     response = client.post(f"/conversations/{setup['direct']}/messages", data={"body": "frag", "client_id": "k1"},

@@ -72,12 +72,24 @@ def search_users():
 @login_required
 def new_group():
     """Show the form to create a group."""
-    q = request.args.get("q", "").strip()
+    return _new_group_page(q=request.args.get("q", "").strip())
+
+
+def _new_group_page(error: str | None = None, q: str = "", name: str = "", picked=()):
+    """The new-group form: one's 1:1 contacts, the search's people, and (after a refusal) what was filled in."""
     contacts = [r.peer for r in convs.conversation_list(current_user.id) if r.peer is not None]
     results = convs.search_users(q, current_user.id) if q else []
+    picked_ids = set()
+    for raw in picked:
+        try:
+            picked_ids.add(int(raw))
+        except (TypeError, ValueError):
+            continue
     seen = {u.id for u in contacts}
     people = contacts + [u for u in results if u.id not in seen]
-    return render_template("chat/new_group.html", people=people, q=q, error=None)
+    seen |= {u.id for u in results}
+    people += convs.users_by_ids([i for i in picked_ids if i not in seen and i != current_user.id])
+    return render_template("chat/new_group.html", people=people, q=q, error=error, name=name, picked=picked_ids)
 
 
 @bp.post("/conversations")
@@ -85,13 +97,17 @@ def new_group():
 def create_conversation():
     """Open the 1:1 conversation with a user, or create a group."""
     me = _me()
+    is_group = request.form.get("name") is not None or bool(request.form.getlist("member_ids"))
     try:
-        if request.form.get("name") is not None or request.form.getlist("member_ids"):
+        if is_group:
             conversation = convs.create_group(me, request.form.get("name", ""), request.form.getlist("member_ids"),
                                               request.files.get("image"))
         else:
             conversation = convs.start_direct(me, request.form.get("user_id"), request.form.get("username"))
     except DomainError as exc:
+        if is_group:  # the form again, as it was filled in (a file input cannot be refilled)
+            return _fail(exc, _new_group_page, name=request.form.get("name", ""),
+                         picked=request.form.getlist("member_ids"))
         return _fail(exc, _index_page)
     target = url_for("chat.conversation", cid=conversation.id)
     if is_htmx():

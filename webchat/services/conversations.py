@@ -13,7 +13,8 @@ from sqlalchemy.orm import joinedload
 
 from ..extensions import db
 from ..models import Conversation, Image, Membership, Message, Unread, User, utcnow
-from . import AccountClosed, DomainError, Forbidden, NotFound, as_active_member, parse_id, sync_loaded, transaction
+from . import (MAX_ROW_ID, AccountClosed, DomainError, Forbidden, NotFound, as_active_member, parse_id, sync_loaded,
+               transaction)
 from .images import has_file, store_upload
 
 MAX_GROUP_OTHERS = 200
@@ -794,6 +795,16 @@ def ids_for_usernames(text: str) -> list[int]:
     if missing:
         raise DomainError(_l("No user called %(name)s.", name=missing[0]), 422)
     return [found[n.lower()] for n in names]
+
+
+def users_by_ids(ids, limit: int = MAX_GROUP_OTHERS) -> list[User]:
+    """Return the active users among these ids (garbage, unknown and disabled ones left out), by name."""
+    wanted = sorted({i for i in ids if isinstance(i, int) and 0 < i <= MAX_ROW_ID})[:limit]
+    if not wanted:
+        return []
+    return list(db.session.scalars(
+        select(User).where(User.id.in_(wanted), User.is_disabled.is_(False)).order_by(func.lower(User.name), User.id)
+    ).all())
 
 
 def search_users(query: str, exclude_id: int, limit: int = 20) -> list[User]:
