@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -412,7 +413,29 @@ def test_dashboard_counts(app, admin, users, group, direct):
     assert board.images == 1 and board.image_bytes > 0
     page = admin.get("/admin/").get_data(as_text=True)
     assert '<div class="stat" id="stat-messages-total"><b>5</b>' in page
-    assert '<div class="stat" id="stat-groups"><b>1</b>' in page
+    assert '<div class="stat" id="stat-groups"><b>1</b> group chat<' in page  # one of each: singular
+    assert '<div class="stat" id="stat-direct"><b>1</b> 1:1 conversation<' in page
+    assert "1 admin<" in page and "1 admins" not in page
+    assert re.search(r'id="stat-storage"><b>[\d.,]+ (bytes|kB)</b>\s*of images \(1 file\)', page)
+
+
+@pytest.mark.parametrize("size, text", [(0, "0 bytes"), (1, "1 byte"), (999, "999 bytes"), (1000, "1 kB"),
+                                        (1_234_567, "1.2 MB"), (5 * 10**12, "5 TB"), (7 * 10**15, "7,000 TB")])
+def test_sizes_read_as_people_write_them(app, size, text):
+    from webchat.templating import file_size
+
+    with app.test_request_context():
+        assert file_size(size) == text
+
+
+def test_the_dashboard_in_chinese_has_no_english_left_in_its_figures(app, admin, group):
+    with app.app_context():
+        db.session.add(RetentionRun(days=7, messages_deleted=1, images_deleted=0, trigger="admin"))
+        db.session.commit()
+    page = admin.get("/admin/?lang=zh").get_data(as_text=True)
+    figures = page[page.index("<h1>", page.index('id="admin-stats"')):page.index('id="retention-next-run"')]
+    assert "个群聊" in figures and "由管理员执行" in figures and "字节" in figures
+    assert not re.search(r"\b(bytes?|Bytes|admin|admins|groups?|files?)\b", re.sub(r"<[^>]+>", " ", figures))
 
 
 def test_dashboard_shows_retention_status(app, admin):

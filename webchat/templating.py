@@ -1,4 +1,4 @@
-"""Jinja filters: safe links in message text, and message times."""
+"""Jinja filters: safe links in message text, message times, and sizes in the page's language."""
 from __future__ import annotations
 
 import re
@@ -43,7 +43,22 @@ def iso(value: datetime | None) -> str:
     return value.isoformat() if value else ""
 
 
+def file_size(size: int | None) -> str:
+    """A byte count for people, in the page's language (Jinja's filesizeformat says "Bytes" in every one)."""
+    from flask_babel import format_decimal, ngettext
+
+    size = int(size or 0)
+    if size < 1000:
+        return ngettext("%(num)d byte", "%(num)d bytes", size)
+    for unit in ("kB", "MB", "GB", "TB"):
+        size /= 1000
+        if size < 1000 or unit == "TB":
+            break
+    return f"{format_decimal(size, format='#,##0.#')} {unit}"
+
+
 def register_filters(app: Flask) -> None:
     app.jinja_env.filters["linkify"] = linkify
     app.jinja_env.filters["short_time"] = short_time
     app.jinja_env.filters["iso"] = iso
+    app.jinja_env.filters["file_size"] = file_size
