@@ -80,6 +80,12 @@ def test_disabled_user_cannot_sign_in(app, client, users):
         db.session.commit()
     response = client.post("/auth/login", data={"username": "bob", "password": "password123"})
     assert response.status_code == 401
+    # The right password learns why; a wrong one learns nothing more than for anyone else.
+    assert "This account has been disabled." in response.get_data(as_text=True)
+    assert client.get("/").status_code in (302, 303)
+    wrong = client.post("/auth/login", data={"username": "bob", "password": "not-his-password"})
+    assert wrong.status_code == 401 and "Wrong username or password." in wrong.get_data(as_text=True)
+    assert "disabled" not in wrong.get_data(as_text=True)
 
 
 def test_remember_sets_a_remember_cookie(client, users):

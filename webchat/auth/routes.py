@@ -8,7 +8,7 @@ from flask_babel import gettext as _
 from flask_login import current_user, login_required, login_user, logout_user
 
 from ..extensions import limiter
-from ..services import DomainError
+from ..services import AccountClosed, DomainError
 from ..services import accounts
 from . import bp
 from .forms import DeleteAccountForm, LoginForm, ProfileForm, RegisterForm
@@ -60,8 +60,11 @@ def login():
     error = None
     status = 200
     if request.method == "POST":
-        user = accounts.authenticate(form.username.data or "", form.password.data or "") \
-            if form.validate_on_submit() else None
+        try:
+            user = accounts.authenticate(form.username.data or "", form.password.data or "") \
+                if form.validate_on_submit() else None
+        except AccountClosed as exc:
+            return render_template("auth/login.html", form=form, error=exc.message), 401
         if user is not None:
             _start_session(user, remember=bool(form.remember.data))
             return redirect(_safe_next(request.args.get("next") or request.form.get("next")), 303)

@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..extensions import db
 from ..models import Conversation, Image, Membership, Message, User, utcnow
-from . import DomainError, sync_loaded, transaction
+from . import AccountClosed, DomainError, sync_loaded, transaction
 from .images import has_file, store_upload
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
@@ -77,10 +77,16 @@ def register_user(username: str, password: str, name: str = "", *, is_admin: boo
 
 
 def authenticate(username: str, password: str) -> User | None:
-    """Return the active user whose credentials these are, or None."""
+    """Return the active user whose credentials these are, or None.
+
+    Right credentials of a disabled account raise AccountClosed: only someone who knows the
+    password learns that the account exists and why it cannot sign in.
+    """
     user = find_user_by_username(username)
-    if not verify_password(user, password) or user is None or user.is_disabled:
+    if not verify_password(user, password) or user is None:
         return None
+    if user.is_disabled:
+        raise AccountClosed(_l("This account has been disabled. Ask an administrator to enable it."))
     if _hasher.check_needs_rehash(user.password_hash):
         user.password_hash = hash_password(password)
     user.last_seen_at = utcnow()
