@@ -104,3 +104,25 @@ def test_stop_instance_redis_stops_the_shared_embedded_server(tmp_path):
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{server.pid}")
     assert stop_instance_redis(str(tmp_path / "none")) is False
+
+
+def test_a_web_worker_freezes_what_it_loaded_before_serving(monkeypatch):
+    """Full collections stop a whole worker: the app loaded at start is frozen out of them."""
+    import gc
+    import importlib.util
+    import os
+
+    from webchat.realtime.hub import hub
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "webchat", "gunicorn_conf.py")
+    spec = importlib.util.spec_from_file_location("gunicorn_conf_under_test", path)
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    watched = []
+    monkeypatch.setattr(hub, "watch_worker", watched.append)
+    assert gc.get_freeze_count() == 0
+    try:
+        conf.post_worker_init("worker")
+        assert gc.get_freeze_count() > 1000 and watched == ["worker"]
+    finally:
+        gc.unfreeze()
