@@ -473,3 +473,136 @@ def test_what_is_typed_while_a_message_is_sending_is_kept(app, page_factory):
     page.type("#compose-body", "more")
     held.pop().fulfill(status=422, body="<p>no</p>")
     expect(page.locator("#compose-body")).to_have_value("x" * 10 + "\nmore")
+
+
+def _mids(page, cid):
+    return [int(m) for m in page.locator(f"#messages-{cid} > [data-mid]").evaluate_all(
+        "els => els.map(e => e.getAttribute('data-mid'))")]
+
+
+def test_a_burst_of_messages_stays_in_order_when_the_socket_replays_it(app, page_factory):
+    """The socket's replay looks back 30 s before the page's newest message: a burst of 60 sent in a
+    second comes back whole, and what is older than the page's first 50 is left to "Load older"."""
+    from webchat.services import conversations as convs
+    from webchat.services import messages as msgs
+
+    with app.test_request_context():
+        alice, bob = make_user("alice"), make_user("bob")
+        direct = convs.find_or_create_direct(alice, bob)
+        for i in range(60):
+            msgs.send_message(alice, direct, f"m{i:03d}")
+        cid = direct.id
+    page = page_factory()
+    frames = []
+    page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: frames.append(payload)))
+    sign_in(page, "bob")
+    page.goto(f"/conversations/{cid}")
+    for _ in range(200):  # the replay: the 59 messages before the newest, sent in the 30 s before it
+        if len(frames) >= 59:
+            break
+        page.wait_for_timeout(50)
+    assert len(frames) >= 59, len(frames)
+    page.wait_for_timeout(300)
+    shown = _mids(page, cid)
+    assert len(shown) == 50 and shown == sorted(shown), shown
+    expect(page.locator(f"#messages-{cid} .bubble").last).to_have_text("m059")
+    page.click("#load-older")
+    expect(page.locator(f"#messages-{cid} > [data-mid]")).to_have_count(60)
+    shown = _mids(page, cid)
+    assert shown == sorted(set(shown))
+    expect(page.locator(f"#messages-{cid} .bubble").first).to_have_text("m000")
+
+
+def test_scrolling_up_loads_older_messages_and_keeps_ones_place(app, page_factory):
+    from webchat.services import conversations as convs
+    from webchat.services import messages as msgs
+
+    with app.test_request_context():
+        alice, bob = make_user("alice"), make_user("bob")
+        direct = convs.find_or_create_direct(alice, bob)
+        for i in range(120):
+            msgs.send_message(alice, direct, f"m{i:03d}")
+        cid = direct.id
+    page = page_factory()
+    sign_in(page, "bob")
+    page.goto(f"/conversations/{cid}")
+    expect(page.locator(f"#messages-{cid} > [data-mid]")).to_have_count(50)
+    first = page.locator(f"#messages-{cid} > [data-mid]").first
+    first_id = first.get_attribute("id")
+    page.locator(f"#messages-{cid}").evaluate("el => { el.scrollTop = 0; }")
+    expect(page.locator(f"#messages-{cid} > [data-mid]")).to_have_count(100)
+    # The message that was at the top is still in view, not pushed away by the older ones.
+    page.wait_for_timeout(300)
+    in_view = page.evaluate("""([pane, id]) => {
+        const p = document.getElementById(pane).getBoundingClientRect();
+        const m = document.getElementById(id).getBoundingClientRect();
+        return m.top >= p.top - 1 && m.top < p.bottom;
+    }""", [f"messages-{cid}", first_id])
+    assert in_view
+
+
+def test_a_chat_opened_on_a_desktop_is_ready_to_type_and_images_are_reachable_by_keyboard(app, page_factory):
+    from webchat.services import conversations as convs
+
+    with app.test_request_context():
+        alice, bob = make_user("alice"), make_user("bob")
+        cid = convs.find_or_create_direct(alice, bob).id
+    page = page_factory()
+    sign_in(page, "alice")
+    page.goto(f"/conversations/{cid}")
+    expect(page.locator("#compose-body")).to_be_focused()
+    page.keyboard.press("Shift+Tab")
+    expect(page.locator("#compose-image")).to_be_focused()
+
+
+def test_hiding_in_one_tab_leaves_the_chat_open_in_another(app, page_factory):
+    from webchat.services import conversations as convs
+
+    with app.test_request_context():
+        alice, bob = make_user("alice"), make_user("bob")
+        cid = convs.find_or_create_direct(alice, bob).id
+    first, second = page_factory(), page_factory()
+    for page in (first, second):
+        sign_in(page, "alice")
+        page.goto(f"/conversations/{cid}")
+    expect(first.locator(f"#conversation-{cid}")).to_have_count(1)
+    second.click("#chat-menu summary")
+    second.click("#hide-button")
+    expect(first.locator(f"#conversation-{cid}")).to_have_count(0)  # gone from the list
+    expect(first.locator(f"#gone-{cid}")).to_have_text("")  # but still open and usable
+    first.fill("#compose-body", "still here")
+    first.press("#compose-body", "Enter")
+    expect(first.locator(f"#messages-{cid} .bubble").last).to_have_text("still here")
+
+
+def test_a_peer_deleting_their_account_closes_the_open_chat_and_times_stay_local(app, browser, live_server):
+    from webchat.services import conversations as convs
+    from webchat.services import messages as msgs
+
+    with app.test_request_context():
+        alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+        direct = convs.find_or_create_direct(alice, bob)
+        other = convs.find_or_create_direct(alice, carol)
+        msgs.send_message(carol, other, "hi")
+        cid, other_id = direct.id, other.id
+    context = browser.new_context(base_url=live_server.url, locale="en-US", timezone_id="America/New_York")
+    leaver = browser.new_context(base_url=live_server.url)
+    try:
+        page = context.new_page()
+        sign_in(page, "alice")
+        page.goto(f"/conversations/{cid}")
+        stamp = page.locator(f"#conversation-{other_id} time")
+        expect(stamp).to_have_text(re.compile(r"^\d\d:\d\d [AP]M$"))
+        bob_page = leaver.new_page()
+        sign_in(bob_page, "bob")
+        bob_page.goto("/profile")
+        bob_page.click("details.danger summary")
+        bob_page.fill("#delete-password", "password123")
+        bob_page.click("#delete-account-form button[type=submit]")
+        expect(page.locator(f"#gone-{cid}")).to_have_text("This conversation is no longer available to you.")
+        expect(page.locator(f"#conversation-{cid}")).to_have_count(0)
+        # The list came back from the server after the deletion; its times are still the browser's.
+        expect(stamp).to_have_text(re.compile(r"^\d\d:\d\d [AP]M$"))
+    finally:
+        context.close()
+        leaver.close()

@@ -83,26 +83,65 @@
     if (empty) empty.remove();
   }
 
-  // A system line (created, added, removed, left, renamed) in the open conversation changes
-  // what its header shows (name, members, owner's controls): fetch the header again.
+  // After a system line (created, added, removed, left, renamed) or a refresh (someone's account
+  // was deleted), the open conversation is read again: its header (name, members, owner's
+  // controls) is replaced, or, when it no longer exists for this user, the page says so.
   var headTimer = null;
-  function refreshHead() {
+  function recheckOpen() {
     var liveEl = document.getElementById("live"), cid = liveEl && liveEl.getAttribute("data-conversation-id");
     if (!cid || !document.querySelector(".chat-head")) return;
     clearTimeout(headTimer);
     headTimer = setTimeout(function () {
-      htmx.ajax("GET", "/conversations/" + cid, { target: ".chat-head", select: ".chat-head", swap: "outerHTML" });
+      fetch("/conversations/" + cid, { credentials: "same-origin" }).then(function (response) {
+        var gone = document.getElementById("gone-" + cid);
+        if (response.status === 404 && gone) {
+          gone.className = "gone";
+          gone.textContent = gone.getAttribute("data-text");
+          return null;
+        }
+        return response.ok ? response.text() : null;
+      }).then(function (html) {
+        if (!html) return;
+        var fresh = new DOMParser().parseFromString(html, "text/html").querySelector(".chat-head");
+        var head = document.querySelector(".chat-head");
+        if (!fresh || !head) return;
+        head.replaceWith(fresh);
+        htmx.process(fresh);
+      }).catch(function () {});
     }, 100);
   }
 
+  // A message older than the newest shown (one that committed late, or the replay's look back)
+  // goes in its place by id; one older than everything shown belongs to the history that
+  // "Load older messages" brings, and is left to it.
+  function placeByAge(pane, el) {
+    var mid = parseInt(el.getAttribute("data-mid") || "0", 10);
+    var shown = pane.querySelectorAll(":scope > [data-mid]");
+    if (!mid || !shown.length || mid > parseInt(shown[shown.length - 1].getAttribute("data-mid"), 10)) return false;
+    if (mid < parseInt(shown[0].getAttribute("data-mid"), 10) && pane.querySelector("#load-older")) {
+      el.remove();
+      return true;
+    }
+    for (var i = 0; i < shown.length; i++) {
+      if (parseInt(shown[i].getAttribute("data-mid"), 10) > mid) {
+        shown[i].before(el);
+        htmx.process(el);
+        formatTimes(el);
+        return true;
+      }
+    }
+    return false;
+  }
+
   document.addEventListener("htmx:oobBeforeSwap", function (evt) {
-    var frag = evt.detail.fragment;
+    var frag = evt.detail.fragment, pane = evt.detail.target;
     if (!frag || !frag.querySelectorAll) return;
     var liveEl = document.getElementById("live"), open = liveEl && liveEl.getAttribute("data-conversation-id");
     frag.querySelectorAll("[id^='message-']").forEach(function (el) {
       if (document.getElementById(el.id)) { el.remove(); return; }
-      if (open && el.classList.contains("system") && evt.detail.target &&
-          evt.detail.target.id === "messages-" + open) refreshHead();
+      var inPane = pane && pane.id && pane.id.indexOf("messages-") === 0;
+      if (inPane && open && pane.id === "messages-" + open && el.classList.contains("system")) recheckOpen();
+      if (inPane) placeByAge(pane, el);
     });
     frag.querySelectorAll(".conv-row[id^='conversation-']").forEach(function (el) {
       var old = document.getElementById(el.id);
@@ -165,7 +204,7 @@
     updateTitle();
   }
 
-  document.addEventListener("htmx:afterSwap", function () { orderRows(); updateTitle(); });
+  document.addEventListener("htmx:afterSwap", function () { orderRows(); updateTitle(); formatTimes(document); });
   // After settling: htmx gives an element whose id was already on the page (a row pushed into
   // the placeholder) its server attributes back only when it settles, which would undo the
   // merge's choices and the active row's class if they were made at swap time.
@@ -189,6 +228,7 @@
     }
     if (t && t.id === "ws-refresh") {
       htmx.ajax("GET", "/conversations", { target: "#conversation-list", swap: "outerHTML", select: "#conversation-list" });
+      recheckOpen();
     }
   });
 
@@ -288,11 +328,39 @@
     }
   });
 
+  // Scrolling to the top of a conversation loads the older messages, and the one that was at
+  // the top stays where it was.
+  var keepTop = null;
+  document.addEventListener("scroll", function (evt) {
+    var pane = evt.target;
+    if (!pane.classList || !pane.classList.contains("messages") || pane.scrollTop > 80) return;
+    var more = pane.querySelector("#load-older");
+    if (more && !more.classList.contains("htmx-request")) htmx.trigger(more, "click");
+  }, true);
+  document.addEventListener("htmx:beforeRequest", function (evt) {
+    var elt = evt.detail.elt;
+    if (elt && elt.id === "load-older") {
+      var pane = elt.closest(".messages");
+      keepTop = { elt: elt, pane: pane, fromBottom: pane.scrollHeight - pane.scrollTop };
+    }
+  });
+  document.addEventListener("htmx:afterSettle", function (evt) {
+    var config = evt.detail && evt.detail.requestConfig;
+    if (!keepTop || !config || config.elt !== keepTop.elt) return;
+    keepTop.pane.scrollTop = keepTop.pane.scrollHeight - keepTop.fromBottom;
+    keepTop = null;
+  });
+
   document.addEventListener("DOMContentLoaded", function () {
     live = document.getElementById("live");
     formatTimes(document);
     markActive();
     updateTitle();
     scrollToBottom(true);
+    // A conversation opened with a keyboard and mouse is ready to type in (not on a phone,
+    // where focusing would pop the keyboard up over the messages).
+    var box = document.getElementById("compose-body");
+    var focused = document.activeElement;
+    if (box && !touchOnly && !(focused && focused.closest && focused.closest("form"))) box.focus({ preventScroll: true });
   });
 })();
