@@ -420,7 +420,7 @@ def test_dashboard_counts(app, admin, users, group, direct):
 
 
 @pytest.mark.parametrize("size, text", [(0, "0 bytes"), (1, "1 byte"), (999, "999 bytes"), (1000, "1 kB"),
-                                        (1_234_567, "1.2 MB"), (5 * 10**12, "5 TB"), (7 * 10**15, "7,000 TB")])
+                                        (999_949, "999.9 kB"), (999_950, "1 MB"), (1_234_567, "1.2 MB"), (5 * 10**12, "5 TB"), (7 * 10**15, "7,000 TB")])
 def test_sizes_read_as_people_write_them(app, size, text):
     from webchat.templating import file_size
 

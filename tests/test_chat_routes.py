@@ -500,3 +500,22 @@ def test_last_seen_is_written_at_most_once_in_five_minutes(app, setup, count_que
         mark_seen(setup["dave"])
         db.session.expire_all()
         assert db.session.get(User, setup["dave"]).last_seen_at == before
+
+
+def test_the_chat_head_alone_reads_nothing_as_read(app, setup):
+    """After a group change an open page fetches its header: that must not mark the group read."""
+    with app.test_request_context():
+        carol = db.session.get(User, setup["carol"])
+        msgs.send_message(carol, db.session.get(Conversation, setup["group"]), "unread for bob")
+    bob = as_user(app, "bob")
+    response = bob.get(f"/conversations/{setup['group']}?part=head", headers=HX)
+    html = response.get_data(as_text=True)
+    assert response.status_code == 200 and html.lstrip().startswith("<header") and "<html" not in html
+    assert 'id="member-list"' in html and "Team" in html and 'id="messages-' not in html
+    with app.test_request_context():
+        assert convs.unread_counts(setup["bob"]) == {setup["group"]: 1}
+    assert as_user(app, "dave").get(f"/conversations/{setup['group']}?part=head", headers=HX).status_code == 404
+    # Without htmx it is the page, which marks read as always.
+    assert bob.get(f"/conversations/{setup['group']}?part=head").status_code == 200
+    with app.test_request_context():
+        assert convs.unread_counts(setup["bob"]) == {}

@@ -50,11 +50,12 @@ def file_size(size: int | None) -> str:
     size = int(size or 0)
     if size < 1000:
         return ngettext("%(num)d byte", "%(num)d bytes", size)
+    value = float(size)
     for unit in ("kB", "MB", "GB", "TB"):
-        size /= 1000
-        if size < 1000 or unit == "TB":
+        value /= 1000
+        if round(value, 1) < 1000 or unit == "TB":  # 999,950 bytes is "1 MB", not "1,000 kB"
             break
-    return f"{format_decimal(size, format='#,##0.#')} {unit}"
+    return f"{format_decimal(value, format='#,##0.#')} {unit}"
 
 
 def register_filters(app: Flask) -> None:

@@ -91,24 +91,31 @@
     var liveEl = document.getElementById("live"), cid = liveEl && liveEl.getAttribute("data-conversation-id");
     if (!cid || !document.querySelector(".chat-head")) return;
     clearTimeout(headTimer);
+    // Spread out: every member with the group open asks at once otherwise.
     headTimer = setTimeout(function () {
-      fetch("/conversations/" + cid, { credentials: "same-origin" }).then(function (response) {
-        var gone = document.getElementById("gone-" + cid);
-        if (response.status === 404 && gone) {
-          gone.className = "gone";
-          gone.textContent = gone.getAttribute("data-text");
-          return null;
-        }
-        return response.ok ? response.text() : null;
-      }).then(function (html) {
-        if (!html) return;
-        var fresh = new DOMParser().parseFromString(html, "text/html").querySelector(".chat-head");
-        var head = document.querySelector(".chat-head");
-        if (!fresh || !head) return;
-        head.replaceWith(fresh);
-        htmx.process(fresh);
-      }).catch(function () {});
-    }, 100);
+      fetch("/conversations/" + cid + "?part=head", { credentials: "same-origin", headers: { "HX-Request": "true" } })
+        .then(function (response) {
+          var gone = document.getElementById("gone-" + cid);
+          if (response.status === 404 && gone && !gone.textContent) {
+            gone.className = "gone";
+            gone.textContent = gone.getAttribute("data-text") || "";
+            return null;
+          }
+          return response.ok ? response.text() : null;
+        }).then(function (html) {
+          var head = document.querySelector(".chat-head");
+          if (!html || !head) return;
+          // Not while someone is using it (the menu open, a field being typed in): later.
+          if (head.contains(document.activeElement) || head.querySelector("details[open]")) {
+            setTimeout(recheckOpen, 2000);
+            return;
+          }
+          var fresh = new DOMParser().parseFromString(html, "text/html").querySelector(".chat-head");
+          if (!fresh) return;
+          head.replaceWith(fresh);
+          htmx.process(fresh);
+        }).catch(function () {});
+    }, 100 + Math.random() * 900);
   }
 
   // A message older than the newest shown (one that committed late, or the replay's look back)
@@ -204,7 +211,12 @@
     updateTitle();
   }
 
-  document.addEventListener("htmx:afterSwap", function () { orderRows(); updateTitle(); formatTimes(document); });
+  document.addEventListener("htmx:afterSwap", function (evt) {
+    orderRows();
+    updateTitle();
+    var target = evt.detail && evt.detail.target;
+    formatTimes(target && target.isConnected ? target : document);  // replaced whole (outerHTML): the page
+  });
   // After settling: htmx gives an element whose id was already on the page (a row pushed into
   // the placeholder) its server attributes back only when it settles, which would undo the
   // merge's choices and the active row's class if they were made at swap time.
@@ -275,12 +287,16 @@
     if (evt.target.id === "compose-form") freshClientId(evt.target);
   }, true);
 
+  // A message keeps its client_id until it is sent, so a retry after a failure is recognised as
+  // the same message; different text (typed since, put together after a failure) gets a new one.
   document.addEventListener("htmx:configRequest", function (evt) {
-    if (evt.detail.elt && evt.detail.elt.id === "compose-form") {
-      freshClientId(evt.detail.elt);
-      evt.detail.parameters.set ? evt.detail.parameters.set("client_id", evt.detail.elt.querySelector("#compose-client-id").value)
-        : (evt.detail.parameters["client_id"] = evt.detail.elt.querySelector("#compose-client-id").value);
-    }
+    var form = evt.detail.elt, params = evt.detail.parameters;
+    if (!form || form.id !== "compose-form") return;
+    var input = form.querySelector("#compose-client-id"), body = (params.get ? params.get("body") : params.body) || "";
+    if (input.value && form._idFor !== body) input.value = "";
+    freshClientId(form);
+    form._idFor = body;
+    if (params.set) params.set("client_id", input.value); else params.client_id = input.value;
   });
 
   // The box empties as soon as a message leaves, so what is typed meanwhile is kept; a send
@@ -331,23 +347,22 @@
   // Scrolling to the top of a conversation loads the older messages, and the one that was at
   // the top stays where it was.
   var keepTop = null;
+  function rise(el, pane) { return el.getBoundingClientRect().top - pane.getBoundingClientRect().top; }
   document.addEventListener("scroll", function (evt) {
     var pane = evt.target;
     if (!pane.classList || !pane.classList.contains("messages") || pane.scrollTop > 80) return;
     var more = pane.querySelector("#load-older");
     if (more && !more.classList.contains("htmx-request")) htmx.trigger(more, "click");
   }, true);
-  document.addEventListener("htmx:beforeRequest", function (evt) {
-    var elt = evt.detail.elt;
-    if (elt && elt.id === "load-older") {
-      var pane = elt.closest(".messages");
-      keepTop = { elt: elt, pane: pane, fromBottom: pane.scrollHeight - pane.scrollTop };
-    }
+  // The first message shown before the older ones arrive stays at the same height on screen.
+  document.addEventListener("htmx:beforeSwap", function (evt) {
+    if (!evt.detail.elt || evt.detail.elt.id !== "load-older") return;
+    var pane = evt.detail.elt.closest(".messages"), first = pane && pane.querySelector(":scope > [data-mid]");
+    keepTop = first ? { pane: pane, first: first, offset: rise(first, pane) } : null;
   });
-  document.addEventListener("htmx:afterSettle", function (evt) {
-    var config = evt.detail && evt.detail.requestConfig;
-    if (!keepTop || !config || config.elt !== keepTop.elt) return;
-    keepTop.pane.scrollTop = keepTop.pane.scrollHeight - keepTop.fromBottom;
+  document.addEventListener("htmx:afterSwap", function (evt) {
+    if (!keepTop || !evt.detail.elt || evt.detail.elt.id !== "load-older") return;
+    keepTop.pane.scrollTop += rise(keepTop.first, keepTop.pane) - keepTop.offset;
     keepTop = null;
   });
 
@@ -360,6 +375,7 @@
     // A conversation opened with a keyboard and mouse is ready to type in (not on a phone,
     // where focusing would pop the keyboard up over the messages).
     var box = document.getElementById("compose-body");
+    if (box && !touchOnly) box.setAttribute("aria-describedby", "compose-hint");  // where Enter sends
     var focused = document.activeElement;
     if (box && !touchOnly && !(focused && focused.closest && focused.closest("form"))) box.focus({ preventScroll: true });
   });

@@ -79,17 +79,13 @@ def _new_group_page(error: str | None = None, q: str = "", name: str = "", picke
     """The new-group form: one's 1:1 contacts, the search's people, and (after a refusal) what was filled in."""
     contacts = [r.peer for r in convs.conversation_list(current_user.id) if r.peer is not None]
     results = convs.search_users(q, current_user.id) if q else []
-    picked_ids = set()
-    for raw in picked:
-        try:
-            picked_ids.add(int(raw))
-        except (TypeError, ValueError):
-            continue
     seen = {u.id for u in contacts}
     people = contacts + [u for u in results if u.id not in seen]
+    picked_users = [u for u in convs.users_by_ids(picked) if u.id != current_user.id]
     seen |= {u.id for u in results}
-    people += convs.users_by_ids([i for i in picked_ids if i not in seen and i != current_user.id])
-    return render_template("chat/new_group.html", people=people, q=q, error=error, name=name, picked=picked_ids)
+    people += [u for u in picked_users if u.id not in seen]
+    return render_template("chat/new_group.html", people=people, q=q, error=error, name=name,
+                           picked={u.id for u in picked_users})
 
 
 @bp.post("/conversations")
@@ -115,6 +111,21 @@ def create_conversation():
     return redirect(target, 303)
 
 
+def _head_context(conversation) -> dict:
+    """What the chat page's header shows: the members, who of them is online, the peer of a 1:1."""
+    members = convs.members_of(conversation.id)
+    online = online_user_ids(redis_store.client, [u.id for _m, u in members if u.id != current_user.id])
+    peer = next((u for _m, u in members if u.id != current_user.id), None) if not conversation.is_group else None
+    return {"conversation": conversation, "members": members, "online": online, "peer": peer,
+            "is_owner": conversation.owner_id == current_user.id}
+
+
+def _chat_head(cid):
+    """The header alone, for an open page after a group change: no messages, nothing marked read."""
+    conversation, _membership = convs.get_conversation_for(current_user.id, cid)
+    return render_template("chat/_chat_head.html", **_head_context(conversation))
+
+
 def _chat_page(cid, error: str | None = None, before=None):
     user_id = current_user.id
     conversation, membership = convs.get_conversation_for(user_id, cid, with_unread=True)
@@ -123,24 +134,22 @@ def _chat_page(cid, error: str | None = None, before=None):
     newest_id = msgs.newest_message_id(user_id)
     convs.mark_read(user_id, conversation, unread=membership.unread)
     messages = msgs.messages_page(conversation.id, before=before)
-    members = convs.members_of(conversation.id)
     # The list is not here: the page fetches it with a request of its own (chat.conversations),
     # which keeps opening a conversation as fast at 500 conversations as at 5.
-    online = online_user_ids(redis_store.client, [u.id for _m, u in members if u.id != current_user.id])
-    peer = next((u for _m, u in members if u.id != current_user.id), None) if not conversation.is_group else None
     return render_template(
-        "chat/conversation.html", conversation=conversation, membership=membership, messages=messages,
-        members=members, peer=peer, online=online, error=error, has_older=len(messages) == msgs.PAGE_SIZE,
-        newest_id=newest_id, retention_days=current_app.config["RETENTION_DAYS"],
-        is_owner=conversation.owner_id == current_user.id,
+        "chat/conversation.html", membership=membership, messages=messages, error=error,
+        has_older=len(messages) == msgs.PAGE_SIZE, newest_id=newest_id,
+        retention_days=current_app.config["RETENTION_DAYS"], **_head_context(conversation),
     )
 
 
 @bp.get("/conversations/<int:cid>")
 @login_required
 def conversation(cid: int):
-    """Show a conversation's newest messages and mark it read."""
+    """Show a conversation's newest messages and mark it read (`part=head` over htmx: its header alone)."""
     try:
+        if request.args.get("part") == "head" and is_htmx():
+            return _chat_head(cid)
         return _chat_page(cid)
     except DomainError as exc:
         return _fail(exc)

@@ -543,11 +543,11 @@ class Hub:
             if uid not in rows and uids is None:
                 continue  # not a member: nothing to show or take away
             row = rows.get(uid)
-            hidden = uid in rows  # a member whose row is hidden: it leaves the list, the chat stays open
+            is_member = uid in rows  # with no row: hidden, so it leaves the list but stays open
             for client in self.clients_of(uid):
                 if row is None:  # hidden, or no longer a member
                     out.append(partial(client.send, self._render(client, "realtime/_removed.html", cid=cid,
-                                                                 hidden=hidden)))
+                                                                 hidden=is_member)))
                 elif line is not None:
                     out.append(partial(client.send, self._render(client, "realtime/_message_frame.html", message=line,
                                                                  row=row, me_id=uid), mid=line.id))

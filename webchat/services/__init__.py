@@ -26,6 +26,7 @@ class AccountClosed(DomainError):
     """The account acting is disabled or deleted (its session or socket outlived it).
 
     Callers sign it out rather than show a message: HTTP sends to sign-in, a socket closes 1008.
+    Signing in is the exception: the right password of a disabled account gets this message.
     """
 
     status = 401

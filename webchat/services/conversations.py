@@ -13,8 +13,7 @@ from sqlalchemy.orm import joinedload
 
 from ..extensions import db
 from ..models import Conversation, Image, Membership, Message, Unread, User, utcnow
-from . import (MAX_ROW_ID, AccountClosed, DomainError, Forbidden, NotFound, as_active_member, parse_id, sync_loaded,
-               transaction)
+from . import AccountClosed, DomainError, Forbidden, NotFound, as_active_member, parse_id, sync_loaded, transaction
 from .images import has_file, store_upload
 
 MAX_GROUP_OTHERS = 200
@@ -797,9 +796,14 @@ def ids_for_usernames(text: str) -> list[int]:
     return [found[n.lower()] for n in names]
 
 
-def users_by_ids(ids, limit: int = MAX_GROUP_OTHERS) -> list[User]:
-    """Return the active users among these ids (garbage, unknown and disabled ones left out), by name."""
-    wanted = sorted({i for i in ids if isinstance(i, int) and 0 < i <= MAX_ROW_ID})[:limit]
+def users_by_ids(raw_ids, limit: int = MAX_GROUP_OTHERS) -> list[User]:
+    """Return the active users among these ids as given (garbage, unknown and disabled ones left out), by name."""
+    wanted = set()
+    for raw in list(raw_ids)[:limit]:
+        try:
+            wanted.add(parse_id(raw))
+        except NotFound:
+            continue
     if not wanted:
         return []
     return list(db.session.scalars(
