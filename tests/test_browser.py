@@ -34,6 +34,19 @@ def sign_in(page, username, password="password123"):
     expect(page).to_have_url(re.compile(r"/$"))
 
 
+def open_direct(app, page_factory, username="alice"):
+    """alice and bob with a 1:1; a page signed in as `username` with it open. Returns (page, cid)."""
+    from webchat.services import conversations as convs
+
+    with app.test_request_context():
+        alice, bob = make_user("alice"), make_user("bob")
+        cid = convs.find_or_create_direct(alice, bob).id
+    page = page_factory()
+    sign_in(page, username)
+    page.goto(f"/conversations/{cid}")
+    return page, cid
+
+
 def test_register_sign_out_sign_in(page_factory):
     page = page_factory()
     page.goto("/auth/register")
@@ -439,14 +452,7 @@ def test_a_phone_keyboard_enter_starts_a_new_line(app, browser, live_server):
 
 
 def test_what_is_typed_while_a_message_is_sending_is_kept(app, page_factory):
-    from webchat.services import conversations as convs
-
-    with app.test_request_context():
-        alice, bob = make_user("alice"), make_user("bob")
-        cid = convs.find_or_create_direct(alice, bob).id
-    page = page_factory()
-    sign_in(page, "alice")
-    page.goto(f"/conversations/{cid}")
+    page, cid = open_direct(app, page_factory)
     held = []
     page.route(f"**/conversations/{cid}/messages", lambda route: held.append(route))
 
@@ -562,14 +568,7 @@ def test_scrolling_up_loads_older_messages_and_keeps_ones_place(app, page_factor
 
 
 def test_a_chat_opened_on_a_desktop_is_ready_to_type_and_images_are_reachable_by_keyboard(app, page_factory):
-    from webchat.services import conversations as convs
-
-    with app.test_request_context():
-        alice, bob = make_user("alice"), make_user("bob")
-        cid = convs.find_or_create_direct(alice, bob).id
-    page = page_factory()
-    sign_in(page, "alice")
-    page.goto(f"/conversations/{cid}")
+    page, _cid = open_direct(app, page_factory)
     expect(page.locator("#compose-body")).to_be_focused()
     page.keyboard.press("Shift+Tab")
     expect(page.locator("#compose-image")).to_be_focused()
