@@ -4,10 +4,18 @@
   var live = null;        // the element carrying ws-connect
   var socket = null;      // htmx ws wrapper (publicInterface)
 
+  // htmx opens the socket on DOMContentLoaded before this file's own handler has run: these
+  // look #live up rather than rely on `live` being set.
+  function liveElement() { return live || document.getElementById("live"); }
+
+  // The conversation this page has open (null on the list and other pages).
+  function openCid() {
+    var el = liveElement();
+    return el && el.getAttribute("data-conversation-id");
+  }
+
   function newestId() {
-    // htmx opens the socket on DOMContentLoaded before this file's own handler has run: look
-    // #live up here rather than rely on `live` being set.
-    var el = live || document.getElementById("live");
+    var el = liveElement();
     var n = el ? parseInt(el.getAttribute("data-newest") || "0", 10) : 0;
     document.querySelectorAll("[data-mid]").forEach(function (el) {
       var m = parseInt(el.getAttribute("data-mid"), 10);
@@ -68,7 +76,7 @@
   }
 
   function markActive() {
-    var cid = live && live.getAttribute("data-conversation-id");
+    var cid = openCid();
     document.querySelectorAll(".conv-row").forEach(function (r) {
       r.classList.toggle("active", r.getAttribute("data-cid") === cid);
     });
@@ -88,7 +96,7 @@
   // controls) is replaced, or, when it no longer exists for this user, the page says so.
   var headTimer = null;
   function recheckOpen() {
-    var liveEl = document.getElementById("live"), cid = liveEl && liveEl.getAttribute("data-conversation-id");
+    var cid = openCid();
     if (!cid || !document.querySelector(".chat-head")) return;
     clearTimeout(headTimer);
     // Spread out: every member with the group open asks at once otherwise.
@@ -143,7 +151,7 @@
   document.addEventListener("htmx:oobBeforeSwap", function (evt) {
     var frag = evt.detail.fragment, pane = evt.detail.target;
     if (!frag || !frag.querySelectorAll) return;
-    var liveEl = document.getElementById("live"), open = liveEl && liveEl.getAttribute("data-conversation-id");
+    var open = openCid();
     frag.querySelectorAll("[id^='message-']").forEach(function (el) {
       if (document.getElementById(el.id)) { el.remove(); return; }
       var inPane = pane && pane.id && pane.id.indexOf("messages-") === 0;
@@ -246,7 +254,7 @@
 
   document.addEventListener("htmx:wsOpen", function (evt) {
     socket = evt.detail.socketWrapper;
-    var cid = live && live.getAttribute("data-conversation-id");
+    var cid = openCid();
     if (cid) socket.send(JSON.stringify({ type: "join", conversation_id: parseInt(cid, 10) }));
     document.body.classList.remove("offline");
   });
@@ -339,7 +347,7 @@
     var now = Date.now();
     if (socket && now - lastTyping > 2500) {
       lastTyping = now;
-      var cid = live && live.getAttribute("data-conversation-id");
+      var cid = openCid();
       if (cid) socket.send(JSON.stringify({ type: "typing", conversation_id: parseInt(cid, 10) }));
     }
   });

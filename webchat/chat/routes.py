@@ -77,15 +77,8 @@ def new_group():
 
 def _new_group_page(error: str | None = None, q: str = "", name: str = "", picked=()):
     """The new-group form: one's 1:1 contacts, the search's people, and (after a refusal) what was filled in."""
-    contacts = [r.peer for r in convs.conversation_list(current_user.id) if r.peer is not None]
-    results = convs.search_users(q, current_user.id) if q else []
-    seen = {u.id for u in contacts}
-    people = contacts + [u for u in results if u.id not in seen]
-    picked_users = [u for u in convs.users_by_ids(picked) if u.id != current_user.id]
-    seen |= {u.id for u in results}
-    people += [u for u in picked_users if u.id not in seen]
-    return render_template("chat/new_group.html", people=people, q=q, error=error, name=name,
-                           picked={u.id for u in picked_users})
+    people, picked_ids = convs.group_form_people(current_user.id, q, picked)
+    return render_template("chat/new_group.html", people=people, q=q, error=error, name=name, picked=picked_ids)
 
 
 @bp.post("/conversations")

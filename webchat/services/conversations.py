@@ -796,6 +796,21 @@ def ids_for_usernames(text: str) -> list[int]:
     return [found[n.lower()] for n in names]
 
 
+def group_form_people(user_id: int, q: str = "", picked=()) -> tuple[list[User], set[int]]:
+    """The people the new-group form offers, and which of them are ticked.
+
+    One's 1:1 contacts, then the search's results, then people picked before (a refused form
+    shown again: they may have come from an earlier search), each once and never oneself.
+    """
+    contacts = [r.peer for r in conversation_list(user_id) if r.peer is not None]
+    results = search_users(q, user_id) if q else []
+    picked_users = [u for u in users_by_ids(picked) if u.id != user_id]
+    people: dict[int, User] = {}
+    for user in contacts + results + picked_users:
+        people.setdefault(user.id, user)
+    return list(people.values()), {u.id for u in picked_users}
+
+
 def users_by_ids(raw_ids, limit: int = MAX_GROUP_OTHERS) -> list[User]:
     """Return the active users among these ids as given (garbage, unknown and disabled ones left out), by name."""
     wanted = set()
