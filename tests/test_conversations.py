@@ -4,12 +4,12 @@ import re
 import threading
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text, update
 from werkzeug.datastructures import FileStorage
 
 from tests.conftest import image_bytes, make_user
 from webchat.extensions import db
-from webchat.models import Conversation, Image, Membership, Message, Unread, User
+from webchat.models import Conversation, Image, Membership, Message, Unread, User, utcnow
 from webchat.services import AccountClosed, DomainError, Forbidden, NotFound
 from webchat.services import conversations as convs
 from webchat.services import messages as msgs
@@ -162,22 +162,64 @@ def test_send_updates_last_message_and_writes_constant_rows(app, people, count_q
     extra = [make_user(f"m{i:03d}").id for i in range(60)]
     small = convs.create_group(people["alice"], "small", [people["bob"].id, people["carol"].id])
     big = convs.create_group(people["alice"], "big", extra)
-    writes = {}
+    writes, sends = {}, {}
     for group in (small, big):
         counter = count_queries()
         with counter:
             message, created = msgs.send_message(people["alice"], group, "hello")
         writes[group.name] = [s for s in counter.statements if re.search(r"\b(INSERT|UPDATE|DELETE)\b", s.upper())]
+        sends[group.name] = counter.statements
         assert created
         db.session.refresh(group)
         assert group.last_message_id == message.id and group.last_message_text == "hello"
         assert db.session.get(Unread, (group.id, people["alice"].id)).last_read_message_id == message.id
-    # Same statements for 3 and 61 members: no per-member writes. PostgreSQL does the message,
-    # the conversation's last message and the sender's read pointer in one statement.
-    one_statement = db.engine.dialect.name == "postgresql"
-    assert len(writes["small"]) == len(writes["big"]) == (1 if one_statement else 3)
-    if one_statement:
-        assert writes["big"][0].upper().count("UPDATE") == 2 and "INSERT INTO MESSAGES" in writes["big"][0].upper()
+    # Same statements for 3 and 61 members: no per-member writes.
+    if db.engine.dialect.name != "postgresql":
+        assert len(writes["small"]) == len(writes["big"]) == 3  # the message, the conversation, the pointer
+        return
+    # PostgreSQL: the whole send is one statement, the call of webchat_send()...
+    assert [len(sends[name]) for name in ("small", "big")] == [1, 1]
+    assert all("webchat_send(" in sends[name][0] for name in ("small", "big"))
+    # ...and the rows it writes, counted by PostgreSQL in an open transaction, are the same few.
+    # (The backend's counts also hold earlier transactions' not yet reported: compare before/after.)
+    counts = text("SELECT relname, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_xact_user_tables")
+    for group in (small, big):
+        before = {name: (ins, upd, dele) for name, ins, upd, dele in db.session.execute(counts)}
+        db.session.execute(msgs.SEND_CALL, {  # in the transaction the query above opened
+            "p_conversation_id": group.id, "p_sender_id": people["alice"].id, "p_body": "hi", "p_image_id": None,
+            "p_client_id": None, "p_created_at": utcnow(), "p_text": "hi", "p_image_only": False})
+        after = {name: (ins, upd, dele) for name, ins, upd, dele in db.session.execute(counts)}
+        db.session.rollback()
+        written = {name: tuple(a - b for a, b in zip(after[name], before[name])) for name in after}
+        assert {name: n for name, n in written.items() if any(n)} == {
+            "messages": (1, 0, 0), "conversations": (0, 1, 0), "unreads": (0, 1, 0)}, group.name
+
+
+def test_a_send_outside_a_transaction_is_its_own_and_leaves_the_session_transactional(app, people, monkeypatch):
+    if db.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL sends through webchat_send(); SQLite writes in the session's transaction")
+    direct = convs.find_or_create_direct(people["alice"], people["bob"])
+    bob_id = people["bob"].id
+    db.session.commit()
+    autocommit, real = [], msgs.send_connection
+
+    def spy():
+        conn = real()
+        autocommit.append(conn.connection.driver_connection.autocommit)  # psycopg's own flag
+        return conn
+
+    monkeypatch.setattr(msgs, "send_connection", spy)
+    message, created = msgs.send_to(people["alice"].id, direct.id, "on its own")
+    assert created and autocommit == [True]  # the call was its own transaction
+    # The connection went back to the pool as it came: the session's next write can be rolled back.
+    db.session.execute(update(User).where(User.id == bob_id).values(name="Changed"))
+    db.session.rollback()
+    assert db.session.scalar(select(User.name).where(User.id == bob_id)) == "Bob"
+    assert convs.unread_counts(bob_id) == {direct.id: 1}
+    # With an image, the image's row comes first: the function runs in that transaction.
+    msgs.send_to(people["alice"].id, direct.id, "with a picture", upload())
+    assert autocommit[1] is False
+    assert convs.unread_counts(bob_id) == {direct.id: 2}
 
 
 def test_unread_counts_are_exact_and_uncapped(people):

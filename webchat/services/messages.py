@@ -6,15 +6,15 @@ from datetime import timedelta
 from flask_babel import force_locale
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
-from sqlalchemy import and_, bindparam, case, false, func, insert, or_, select, true, update
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
 from ..extensions import db
-from ..models import Conversation, Membership, Message, Unread, User, utcnow
+from ..models import Conversation, Membership, Message, Unread, User, UTCDateTime, utcnow
 from . import MAX_ID, DomainError, NotFound, as_active_member, parse_id, sync_loaded
-from .conversations import get_conversation_for, member_states, recount_read_from
+from .conversations import MemberState, get_conversation_for, member_states, recount_read_from
 from .images import has_file, store_upload
 
 MAX_BODY = 4000
@@ -68,15 +68,14 @@ def _existing(sender_id: int, conversation_id: int, client_id: str) -> Message |
         Message.sender_id == sender_id, Message.conversation_id == conversation_id, Message.client_id == client_id))
 
 
-def _delivery(message: Message, target: dict) -> dict:
-    """Return everything every process needs to push a new message, read once here.
+def _delivery(message: Message, target: dict, states: dict[int, MemberState]) -> dict:
+    """Return everything every process needs to push a new message, read once by the send.
 
     The message's fields, the conversation's list-row fields and each member's state (hidden
     position and exact unread count; for a 1:1 also name and avatar, since each row shows the
     other person) travel in the event. A listener then renders and writes without a query, and
     a process holding none of the members does nothing at all.
     """
-    states = member_states(message.conversation_id)
     people = [] if target["is_group"] else [[uid, s.name, s.avatar_id] for uid, s in states.items()]
     return {
         "type": "message", "cid": message.conversation_id, "mid": message.id, "members": list(states),
@@ -91,18 +90,18 @@ def _delivery(message: Message, target: dict) -> dict:
 
 
 _messages, _conversations, _unreads = Message.__table__, Conversation.__table__, Unread.__table__
-_memberships, _users = Membership.__table__, User.__table__
 # Bind names differ from column names (SQLAlchemy reserves those); a send passes them all.
 _MESSAGE_COLUMNS = ("conversation_id", "sender_id", "kind", "body", "image_id", "client_id", "created_at")
 
 
 def _moves(new_id, counted, conversation_id=bindparam("p_conversation_id")):
-    """The two updates of a send, for a message id and its conversation (binds or CTE columns).
+    """The two updates of a send on SQLite, for a message id and its conversation.
 
     The conversation counts one more text message and moves its last message, unless a
     message with a larger id committed first (two senders racing): ids never go backwards. It
     returns its new text_count and whether the message became the newest ("moved"). The
     sender's pointer moves to the message, and their read_count becomes `counted`.
+    PostgreSQL runs the same steps in webchat_send() (migration 0003).
     """
     newer = or_(_conversations.c.last_message_id.is_(None), _conversations.c.last_message_id < new_id)
 
@@ -129,80 +128,72 @@ def _moves(new_id, counted, conversation_id=bindparam("p_conversation_id")):
     return last, read
 
 
-def _send_statement():
-    """PostgreSQL: a whole send in one statement (one round trip).
-
-    It checks that the sender is an active member, inserts the message, counts it and moves
-    the conversation's last message and the sender's read pointer, and returns what the push
-    needs of the conversation and the sender. No row back: not a member (or not active).
-    """
-    target = (
-        select(_conversations.c.is_group, _conversations.c.name, _conversations.c.image_id,
-               _conversations.c.created_at, _users.c.name.label("sender_name"),
-               _users.c.avatar_id.label("sender_avatar"))
-        .join(_memberships, and_(_memberships.c.conversation_id == _conversations.c.id,
-                                 _memberships.c.user_id == bindparam("p_sender_id")))
-        .join(_users, and_(_users.c.id == _memberships.c.user_id, _users.c.is_disabled.is_(false())))
-        .where(_conversations.c.id == bindparam("p_conversation_id"))
-        .cte("t")
-    )
-    values = select(*(bindparam(f"p_{name}", type_=_messages.c[name].type) for name in _MESSAGE_COLUMNS))
-    inserted = (insert(_messages).from_select(_MESSAGE_COLUMNS, values.select_from(target))
-                .returning(_messages.c.id, _messages.c.conversation_id).cte("m"))
-    last, _ = _moves(inserted.c.id, None, inserted.c.conversation_id)
-    last = last.cte("c")
-    # The sender has read everything up to their message; when it is the newest, that is the
-    # conversation's new text_count (when not, the caller recounts: recount_read_from).
-    _, read = _moves(inserted.c.id, case((last.c.moved, last.c.text_count), else_=_unreads.c.read_count), last.c.id)
-    read = read.returning(_unreads.c.user_id).cte("r")
-    return (
-        select(inserted.c.id, last.c.moved.label("moved_last"), last.c.text_count,
-               select(func.count()).select_from(read).scalar_subquery().label("moved_read"), target)
-        .select_from(target.join(inserted, true()).join(last, true()))
-    )
-
-
-_SEND = _send_statement()
+# PostgreSQL: the whole send is one call of the function migration 0003 creates (one round trip).
+SEND_CALL = text(
+    "SELECT * FROM webchat_send(CAST(:p_conversation_id AS integer), CAST(:p_sender_id AS integer), "
+    "CAST(:p_body AS text), CAST(:p_image_id AS varchar), CAST(:p_client_id AS varchar), "
+    "CAST(:p_created_at AS timestamptz), CAST(:p_text AS varchar), CAST(:p_image_only AS boolean))"
+).bindparams(bindparam("p_created_at", type_=UTCDateTime)).columns(created_at=UTCDateTime)
 _INSERT = (insert(_messages).values({name: bindparam(f"p_{name}") for name in _MESSAGE_COLUMNS})
            .returning(_messages.c.id))
 _MOVE_LAST, _MOVE_READ = _moves(bindparam("p_mid"), bindparam("p_read_count"))
 
 
-def _write(values: dict, sender: User | None, conversation: Conversation | None) -> tuple[int, bool, bool, dict]:
+def send_connection():
+    """The connection a PostgreSQL send runs on: in autocommit when the session has nothing open.
+
+    Then webchat_send() is its own transaction: the send costs one round trip, with no BEGIN
+    or COMMIT, and the conversation's row lock lasts only while the server runs the function.
+    A session already in a transaction (a send with an image, whose row comes first) runs the
+    function in it and commits as usual.
+    """
+    if db.session().in_transaction():
+        return db.session.connection()
+    return db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+
+
+def _write(values: dict, sender: User | None,
+           conversation: Conversation | None) -> tuple[int, bool, bool, dict, dict[int, MemberState]]:
     """Write a message, count it, and move the conversation's last message and the sender's pointer.
 
-    Returns the new id, whether each update moved, and the conversation's new text_count and
-    its and the sender's fields for the push. Core statements on the session's connection (same
-    transaction), without the ORM's unit of work: this is every send's cost. On PostgreSQL the
-    membership check is part of the statement; elsewhere the caller passes the checked sender
+    Returns the new id, whether each update moved, the conversation's new text_count and its
+    and the sender's fields for the push, and every member's state (exact unread count) read
+    after the conversation's row was locked. Core statements (or the function) on the session's
+    connection, without the ORM's unit of work: this is every send's cost. On PostgreSQL the
+    membership check is part of the function; elsewhere the caller passes the checked sender
     and conversation.
     """
-    conn = db.session.connection()
-    if conn.dialect.name == "postgresql":
-        row = conn.execute(_SEND, values).one_or_none()
+    cid = values["p_conversation_id"]
+    if db.session.get_bind().dialect.name == "postgresql":
+        row = send_connection().execute(SEND_CALL, values).one_or_none()
         if row is None:
             raise NotFound(_l("No such conversation."))
-        mid, moved_last, moved_read, target = row.id, bool(row.moved_last), bool(row.moved_read), row._asdict()
-    else:
-        if sender is None or conversation is None:
-            conversation, membership = get_conversation_for(values["p_sender_id"], values["p_conversation_id"],
-                                                            with_user=True)
-            sender = membership.user
-        if sender.is_disabled:
-            raise NotFound(_l("No such conversation."))
-        mid = conn.execute(_INSERT, values).scalar_one()
-        values = {**values, "p_mid": mid}
-        _, text_count, moved_last = conn.execute(_MOVE_LAST, values).one()
-        moved_read = conn.execute(_MOVE_READ, {**values, "p_read_count": text_count}).rowcount
-        target = {
-            "text_count": text_count, "is_group": conversation.is_group, "name": conversation.name,
-            "image_id": conversation.image_id, "created_at": conversation.created_at, "sender_name": sender.name,
-            "sender_avatar": sender.avatar_id}
+        if not row.moved_last:
+            # The function recounted the pointers past this message: loaded ones are stale.
+            for obj in list(db.session.identity_map.values()):
+                if isinstance(obj, Unread) and obj.conversation_id == cid:
+                    db.session.expire(obj)
+        states = {uid: MemberState(hidden, unread, name, avatar) for uid, hidden, unread, name, avatar in row.states}
+        return row.id, row.moved_last, row.moved_read, row._asdict(), states
+    conn = db.session.connection()
+    if sender is None or conversation is None:
+        conversation, membership = get_conversation_for(values["p_sender_id"], cid, with_user=True)
+        sender = membership.user
+    if sender.is_disabled:
+        raise NotFound(_l("No such conversation."))
+    mid = conn.execute(_INSERT, values).scalar_one()
+    values = {**values, "p_mid": mid}
+    _, text_count, moved_last = conn.execute(_MOVE_LAST, values).one()
+    moved_read = conn.execute(_MOVE_READ, {**values, "p_read_count": text_count}).rowcount
     if not moved_last:
         # A message with a larger id committed first: pointers already past this one (the
         # sender's too) count it now.
-        recount_read_from(values["p_conversation_id"], mid)
-    return mid, bool(moved_last), bool(moved_read), target
+        recount_read_from(cid, mid)
+    target = {
+        "text_count": text_count, "is_group": conversation.is_group, "name": conversation.name,
+        "image_id": conversation.image_id, "created_at": conversation.created_at, "sender_name": sender.name,
+        "sender_avatar": sender.avatar_id}
+    return mid, bool(moved_last), bool(moved_read), target, member_states(cid)
 
 
 def send_message(sender: User, conversation: Conversation, body: str | None, image=None,
@@ -247,7 +238,7 @@ def _send(sender_id: int, conversation_id: int, body: str | None, image, client_
         message = Message(conversation_id=conversation_id, sender_id=sender_id, kind="text", event=None, body=body,
                           image_id=image_row.id if image_row else None, client_id=client_id, created_at=utcnow())
         text, image_only = preview_of(message), bool(image_row) and not body
-        message.id, moved_last, moved_read, target = _write({
+        message.id, moved_last, moved_read, target, states = _write({
             "p_conversation_id": conversation_id, "p_sender_id": sender_id, "p_kind": "text", "p_body": body,
             "p_image_id": message.image_id, "p_client_id": client_id, "p_created_at": message.created_at,
             "p_text": text, "p_image_only": image_only}, sender, conversation)
@@ -260,7 +251,7 @@ def _send(sender_id: int, conversation_id: int, body: str | None, image, client_
                 sync_loaded(Unread, (conversation_id, sender_id), {
                     "last_read_message_id": message.id, "read_at": message.created_at,
                     "read_count": target["text_count"]})
-        event = _delivery(message, target)
+        event = _delivery(message, target, states)
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
