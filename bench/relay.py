@@ -17,14 +17,13 @@ gunicorn's gevent worker with webchat's own gunicorn config). Run it like the ap
   ceiling of a chat that keeps its messages, on this stack.
 - With RELAY_SQL=webchat as well (the `relay-sql` target), the database is a migrated webchat
   database with the bench's users and conversations, and every send runs webchat's own send
-  transaction instead of the INSERT: the same two statements (`messages._SEND`, which checks
-  membership, inserts the message, counts it and moves the last message and the sender's pointer;
-  then `conversations._MEMBER_STATES`, every member's exact unread count) and the COMMIT, with the
-  conversation id, sender id and client id the load generator posts as `cid`, `uid` and `client_id`
-  (a message that commits behind a newer one is not recounted, as webchat's send would: rare,
-  and a relay need not). Still no auth, no
-  CSRF, no session, no templates: only the database work of one webchat message, so its rate is
-  the ceiling for webchat's data model on this stack.
+  instead of the INSERT: one call of `webchat_send()` (migration 0003: it checks membership,
+  inserts the message, counts it, moves the last message and the sender's pointer and returns
+  every member's exact unread count) outside a transaction, as webchat's send route makes it
+  (`messages.SEND_CALL`), with the conversation id, sender id and client id the load generator
+  posts as `cid`, `uid` and `client_id`. Still no auth, no CSRF, no session, no templates: only
+  the database work of one webchat message, so its rate is the ceiling for webchat's data model
+  on this stack.
 """
 from __future__ import annotations
 
@@ -69,21 +68,20 @@ def _persist(sender: str, to: str, text: str, send: dict) -> None:
 
 
 def _webchat_send(cid: int, uid: int, text: str, client_id: str | None) -> None:
-    """Run webchat's send transaction (relay-sql): its statements, the values its send route passes."""
+    """Run webchat's send (relay-sql): its statement, the values its send route passes."""
     from datetime import datetime, timezone
     from types import SimpleNamespace
 
-    from webchat.services.conversations import _MEMBER_STATES
-    from webchat.services.messages import _SEND, preview_of
+    from webchat.services.messages import SEND_CALL, preview_of
 
-    with _engine.begin() as conn:
-        row = conn.execute(_SEND, {
-            "p_conversation_id": cid, "p_sender_id": uid, "p_kind": "text", "p_body": text, "p_image_id": None,
+    # In autocommit, as webchat's send: the function is its own transaction (one round trip).
+    with _engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        row = conn.execute(SEND_CALL, {
+            "p_conversation_id": cid, "p_sender_id": uid, "p_body": text, "p_image_id": None,
             "p_client_id": client_id, "p_created_at": datetime.now(timezone.utc),
             "p_text": preview_of(SimpleNamespace(kind="text", body=text)), "p_image_only": False}).one_or_none()
         if row is None:
             raise LookupError("not an active member")
-        conn.execute(_MEMBER_STATES, {"cid": cid}).all()
 
 
 def _make_engine():
