@@ -627,6 +627,32 @@ def test_a_peer_deleting_their_account_closes_the_open_chat_and_times_stay_local
         leaver.close()
 
 
+def test_a_message_for_a_chat_not_open_updates_the_list_without_errors(app, page_factory):
+    from webchat.services import conversations as convs
+    from webchat.services import messages as msgs
+
+    with app.test_request_context():
+        alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+        direct = convs.find_or_create_direct(alice, bob)
+        other = convs.find_or_create_direct(alice, carol)
+        cid, other_id = direct.id, other.id
+    listing, chatting = page_factory(), page_factory()
+    errors = []
+    for page in (listing, chatting):
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        sign_in(page, "alice")
+    chatting.goto(f"/conversations/{other_id}")  # carol's chat open; listing stays on the list
+    for page in (listing, chatting):
+        expect(page.locator(f"#conversation-{cid}")).to_have_count(1)
+    with app.test_request_context():
+        msgs.send_to(bob.id, cid, "for the list")  # live, or by the replay of a socket still opening
+    for page in (listing, chatting):
+        expect(page.locator(f"#conversation-{cid}")).to_contain_text("for the list")
+        expect(page.locator(f"#unread-{cid}")).to_have_text("1")
+    expect(chatting.locator(f"#messages-{other_id} .bubble")).to_have_count(0)  # not put into carol's chat
+    assert not errors, errors
+
+
 def test_a_message_missing_from_the_middle_comes_back_in_its_place(app, browser):
     """After a reconnect the replay resends the last 30 s: a message the page lacks goes where it belongs."""
     from tests.support import WebServer

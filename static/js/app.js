@@ -126,6 +126,29 @@
     }, 100 + Math.random() * 900);
   }
 
+  // A socket frame carries a new message for its chat pane and the member's list row. A page
+  // without that pane (the list, another chat) has nowhere to put the message: the part is
+  // dropped here, before htmx would report each such message as a missing target.
+  function oobTarget(el) {
+    var spec = el.getAttribute("hx-swap-oob") || "";
+    var colon = spec.indexOf(":");
+    if (colon < 0) return el.id ? document.getElementById(el.id) : null;  // "true", or a strategy: by id
+    try { return document.querySelector(spec.slice(colon + 1)); } catch (e) { return null; }
+  }
+
+  htmx.defineExtension("wc-frames", {
+    transformResponse: function (text) {
+      if (text.indexOf("hx-swap-oob") < 0) return text;
+      var tpl = document.createElement("template");
+      tpl.innerHTML = text;
+      var parts = Array.prototype.slice.call(tpl.content.children);
+      var homeless = parts.filter(function (el) { return el.hasAttribute("hx-swap-oob") && !oobTarget(el); });
+      if (!homeless.length) return text;
+      homeless.forEach(function (el) { el.remove(); });
+      return tpl.innerHTML;
+    }
+  });
+
   // A message older than the newest shown (one that committed late, or the replay's look back)
   // goes in its place by id; one older than everything shown belongs to the history that
   // "Load older messages" brings, and is left to it.
