@@ -201,17 +201,19 @@ def test_a_send_outside_a_transaction_is_its_own_and_leaves_the_session_transact
     direct = convs.find_or_create_direct(people["alice"], people["bob"])
     bob_id = people["bob"].id
     db.session.commit()
-    autocommit, real = [], msgs.send_connection
+    autocommit, drivers, real = [], [], msgs.send_connection
 
     def spy():
         conn = real()
-        autocommit.append(conn.connection.driver_connection.autocommit)  # psycopg's own flag
+        drivers.append(conn.connection.driver_connection)
+        autocommit.append(drivers[-1].autocommit)  # psycopg's own flag
         return conn
 
     monkeypatch.setattr(msgs, "send_connection", spy)
     message, created = msgs.send_to(people["alice"].id, direct.id, "on its own")
     assert created and autocommit == [True]  # the call was its own transaction
-    # The connection went back to the pool as it came: the session's next write can be rolled back.
+    assert drivers[0].autocommit is False  # the connection went back to the pool as it came
+    # And the session's next write can be rolled back.
     db.session.execute(update(User).where(User.id == bob_id).values(name="Changed"))
     db.session.rollback()
     assert db.session.scalar(select(User.name).where(User.id == bob_id)) == "Bob"

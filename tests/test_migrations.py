@@ -46,6 +46,13 @@ def test_upgrade_then_downgrade_from_empty(empty_database_url, monkeypatch):
                                        " is_disabled, created_at, updated_at) VALUES ('zED', 'z', 'x', '', false,"
                                        " false, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
         db.session.rollback()
+        send_function = sa.text("SELECT count(*) FROM pg_proc WHERE proname = 'webchat_send'")
+        if db.engine.dialect.name == "postgresql":
+            assert db.session.scalar(send_function) == 1  # 0003: the send in one call
+            db.session.rollback()
+            downgrade(revision="0002_unread_counters")
+            assert db.session.scalar(send_function) == 0
+            db.session.rollback()
         downgrade(revision="base")
         left = set(sa.inspect(db.engine).get_table_names()) - {"alembic_version"}
         assert left == set()

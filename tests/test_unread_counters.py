@@ -17,7 +17,7 @@ from webchat import create_app
 from webchat.config import TestConfig
 from webchat.extensions import db
 from webchat.models import Conversation, Membership, Message, Unread, User, utcnow
-from webchat.services import accounts
+from webchat.services import NotFound, accounts
 from webchat.services import conversations as convs
 from webchat.services import messages as msgs
 from webchat.services.retention import purge_expired_messages
@@ -269,6 +269,88 @@ def test_a_read_waits_for_a_send_in_flight_and_counts_its_message(app, pg_group,
     assert_counters_exact()
     db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": winner.id})
     db.session.commit()
+
+
+def test_a_send_in_autocommit_behind_a_newer_message_recounts_and_refreshes_loaded_state(app, pg_group, monkeypatch):
+    alice_id, bob_id, carol_id, gid = pg_group
+    msgs.send_to(alice_id, gid, "first")
+    newest = db.session.scalar(select(func.max(Message.id)))
+    db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": newest + 100})
+    winner, _ = msgs.send_to(alice_id, gid, "first in")
+    db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": newest})
+    convs.mark_read_for(gid, [bob_id], winner.id, notify=False)  # bob's pointer is past the late id
+    db.session.commit()
+    bob_state = db.session.get(Unread, (gid, bob_id))  # loaded in this session
+    read_before = bob_state.read_count
+    db.session.commit()  # nothing open: the send below is a transaction of its own
+    autocommit, real = [], msgs.send_connection
+
+    def spy():
+        conn = real()
+        autocommit.append(conn.connection.driver_connection.autocommit)
+        return conn
+
+    monkeypatch.setattr(msgs, "send_connection", spy)
+    late, _ = msgs.send_to(carol_id, gid, "committed late")
+    assert late.id < winner.id and autocommit == [True]
+    # carol's message lies behind bob's pointer: he has read it, and his loaded state says so.
+    assert bob_state.read_count == read_before + 1
+    assert convs.unread_counts(bob_id) == {}
+    assert_counters_exact()
+    db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": winner.id})
+    db.session.commit()
+
+
+def test_deleting_a_conversation_takes_its_locks_in_the_order_a_send_does(app, pg_group):
+    """A send locks the conversation, then its sender's unread row; a delete must not hold that
+    row while it waits for the conversation, or one of the two dies in a deadlock."""
+    alice_id, bob_id, carol_id, gid = pg_group
+    engine = sa.create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+    try:
+        with engine.connect() as send:
+            # The send's first step (webchat_send locks the conversation's row)...
+            send.execute(sa.text("SELECT 1 FROM conversations WHERE id = :g FOR NO KEY UPDATE"), {"g": gid})
+            deleter = _in_thread(app, "delete", lambda: convs.delete_conversation(gid))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not send.execute(sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'")).scalar():
+                time.sleep(0.05)  # until the delete waits for a lock the send holds
+            # ...then its sender's unread row; then it commits.
+            send.execute(sa.text("UPDATE unreads SET read_count = read_count WHERE conversation_id = :g"
+                                 " AND user_id = :u"), {"g": gid, "u": alice_id})
+            send.commit()
+        deleter.join(10)
+        assert not deleter.failures, deleter.failures
+    finally:
+        engine.dispose()
+    db.session.expire_all()
+    assert db.session.get(Conversation, gid) is None
+
+
+def test_a_member_removed_while_their_send_waits_cannot_post(app, pg_group):
+    alice_id, bob_id, carol_id, gid = pg_group
+    engine = sa.create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+    try:
+        with engine.connect() as removal:
+            # Removing carol, as remove_member does it: the conversation's row first, then her rows.
+            removal.execute(sa.text("SELECT 1 FROM conversations WHERE id = :g FOR NO KEY UPDATE"), {"g": gid})
+            for table in ("unreads", "memberships"):
+                removal.execute(sa.text(f"DELETE FROM {table} WHERE conversation_id = :g AND user_id = :u"),
+                                {"g": gid, "u": carol_id})
+            sender = _in_thread(app, "send", lambda: msgs.send_to(carol_id, gid, "too late"))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not removal.execute(sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'")).scalar():
+                time.sleep(0.05)  # until her send waits for the conversation
+            removal.commit()
+        sender.join(10)
+    finally:
+        engine.dispose()
+    assert [type(exc) for exc in sender.failures] == [NotFound]
+    assert db.session.scalar(select(func.count()).select_from(Message).where(Message.body == "too late")) == 0
+    assert_counters_exact()
 
 
 def test_a_read_waits_for_a_retention_batch_in_flight(app, pg_group, monkeypatch):

@@ -5,6 +5,11 @@ COMMIT, and it held its conversation's row lock over the last three. Called outs
 this function is its own transaction: the client waits for one answer, and the row lock lasts
 only while the server runs it. SQLite keeps the send in Python (webchat/services/messages.py).
 
+PostgreSQL does not track a function's body as depending on the tables it names: a later
+migration that changes a column of messages, conversations, memberships, unreads or users must
+recreate this function (CREATE OR REPLACE) in the same migration, or sends fail at their first call.
+Downgrading below this revision while the app that calls it runs makes every PostgreSQL send fail.
+
 Revision ID: 0003_send_function
 Revises: 0002_unread_counters
 Create Date: 2026-11-27 16:50:00
@@ -38,6 +43,10 @@ DECLARE
     moved boolean;
     read_moved boolean;
 BEGIN
+    -- The conversation's row first, as every change to its unread counters takes it (see
+    -- conversations.lock_conversations): the membership read next, in a newer snapshot, sees any
+    -- removal that committed while this waited.
+    PERFORM 1 FROM conversations c WHERE c.id = p_conversation_id FOR NO KEY UPDATE;
     -- Only an active member sends: no row back otherwise, and nothing written.
     SELECT c.is_group, c.name, c.image_id, c.created_at, u.name AS sender_name, u.avatar_id AS sender_avatar
       INTO target
@@ -54,7 +63,7 @@ BEGIN
     RETURNING messages.id INTO new_id;
 
     -- One more text message; the last message moves unless a larger id committed first (ids
-    -- never go backwards). This takes the conversation's row lock until the end.
+    -- never go backwards).
     UPDATE conversations c
        SET text_count = c.text_count + 1,
            last_message_id = CASE WHEN c.last_message_id IS NULL OR c.last_message_id < new_id
@@ -91,8 +100,9 @@ BEGIN
         target.is_group, target.name, target.image_id, target.created_at,
         target.sender_name, target.sender_avatar,
         -- every member: [user id, hidden through, exact unread count, name, avatar]
-        (SELECT json_agg(json_build_array(
-                    mb.user_id, mb.hidden_through, GREATEST(c.text_count - r.read_count, 0), u.name, u.avatar_id))
+        (SELECT coalesce(json_agg(json_build_array(
+                    mb.user_id, mb.hidden_through, GREATEST(c.text_count - r.read_count, 0), u.name, u.avatar_id)),
+                    '[]')
            FROM memberships mb
            JOIN unreads r ON r.conversation_id = mb.conversation_id AND r.user_id = mb.user_id
            JOIN conversations c ON c.id = mb.conversation_id

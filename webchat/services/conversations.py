@@ -323,6 +323,9 @@ def delete_conversation_rows(conversation_ids: list[int]) -> None:
     if not conversation_ids:
         return
     ids = list(conversation_ids)
+    # Their rows first, as a send takes them before its sender's read state: otherwise a send in
+    # flight and this delete would each hold a row the other waits for.
+    lock_conversations(ids)
     # Explicit deletes rather than ON DELETE CASCADE alone: the order keeps every foreign key
     # satisfied at each step on every backend.
     db.session.execute(delete(Message).where(Message.conversation_id.in_(ids)))

@@ -169,9 +169,10 @@ def _write(values: dict, sender: User | None,
         if row is None:
             raise NotFound(_l("No such conversation."))
         if not row.moved_last:
-            # The function recounted the pointers past this message: loaded ones are stale.
-            for obj in list(db.session.identity_map.values()):
-                if isinstance(obj, Unread) and obj.conversation_id == cid:
+            # The function recounted the pointers past this message: loaded ones are stale. By
+            # identity key: reading an expired object's attributes would query (and may fail).
+            for key, obj in list(db.session.identity_map.items()):
+                if key[0] is Unread and key[1][0] == cid:
                     db.session.expire(obj)
         states = {uid: MemberState(hidden, unread, name, avatar) for uid, hidden, unread, name, avatar in row.states}
         return row.id, row.moved_last, row.moved_read, row._asdict(), states
@@ -237,15 +238,15 @@ def _send(sender_id: int, conversation_id: int, body: str | None, image, client_
             db.session.flush()  # the message refers to it
         message = Message(conversation_id=conversation_id, sender_id=sender_id, kind="text", event=None, body=body,
                           image_id=image_row.id if image_row else None, client_id=client_id, created_at=utcnow())
-        text, image_only = preview_of(message), bool(image_row) and not body
+        preview, image_only = preview_of(message), bool(image_row) and not body
         message.id, moved_last, moved_read, target, states = _write({
             "p_conversation_id": conversation_id, "p_sender_id": sender_id, "p_kind": "text", "p_body": body,
             "p_image_id": message.image_id, "p_client_id": client_id, "p_created_at": message.created_at,
-            "p_text": text, "p_image_only": image_only}, sender, conversation)
+            "p_text": preview, "p_image_only": image_only}, sender, conversation)
         sync_loaded(Conversation, conversation_id, {"text_count": target["text_count"]})
         if moved_last:
             sync_loaded(Conversation, conversation_id, {
-                "last_message_id": message.id, "last_message_text": text, "last_message_image": image_only,
+                "last_message_id": message.id, "last_message_text": preview, "last_message_image": image_only,
                 "last_message_at": message.created_at})
             if moved_read:
                 sync_loaded(Unread, (conversation_id, sender_id), {
