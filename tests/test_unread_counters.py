@@ -240,6 +240,36 @@ def _read_while_held(app, holder, release, read) -> bool:
     return waited
 
 
+def _until_a_lock_wait(conn) -> None:
+    """Return once a session of this database waits for a lock (or after 10 s)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not conn.execute(sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock'")).scalar():
+        time.sleep(0.05)
+
+
+def _hold_like_a_send(app, gid, sender_id, first_step, name, work, undo=None) -> threading.Thread:
+    """Take a conversation's row as a send does (`first_step`), start `work` on a thread and let it
+    reach a lock this holds, then take the sender's unread row as a send does next, and commit.
+    Returns the finished thread: work that took those two locks in the other order deadlocked."""
+    engine = sa.create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+    try:
+        with engine.connect() as send:
+            send.execute(sa.text(first_step), {"g": gid})
+            other = _in_thread(app, name, work)
+            _until_a_lock_wait(send)
+            send.execute(sa.text("UPDATE unreads SET read_count = read_count WHERE conversation_id = :g"
+                                 " AND user_id = :u"), {"g": gid, "u": sender_id})
+            if undo:
+                send.execute(sa.text(undo), {"g": gid})
+            send.commit()
+        other.join(10)
+    finally:
+        engine.dispose()
+    return other
+
+
 @pytest.fixture
 def pg_group(app, ctx):
     if db.engine.dialect.name != "postgresql":
@@ -305,25 +335,10 @@ def test_deleting_a_conversation_takes_its_locks_in_the_order_a_send_does(app, p
     """A send locks the conversation, then its sender's unread row; a delete must not hold that
     row while it waits for the conversation, or one of the two dies in a deadlock."""
     alice_id, bob_id, carol_id, gid = pg_group
-    engine = sa.create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
-    try:
-        with engine.connect() as send:
-            # The send's first step (webchat_send locks the conversation's row)...
-            send.execute(sa.text("SELECT 1 FROM conversations WHERE id = :g FOR NO KEY UPDATE"), {"g": gid})
-            deleter = _in_thread(app, "delete", lambda: convs.delete_conversation(gid))
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not send.execute(sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock'")).scalar():
-                time.sleep(0.05)  # until the delete waits for a lock the send holds
-            # ...then its sender's unread row; then it commits.
-            send.execute(sa.text("UPDATE unreads SET read_count = read_count WHERE conversation_id = :g"
-                                 " AND user_id = :u"), {"g": gid, "u": alice_id})
-            send.commit()
-        deleter.join(10)
-        assert not deleter.failures, deleter.failures
-    finally:
-        engine.dispose()
+    # The send's first step: webchat_send locks the conversation's row.
+    deleter = _hold_like_a_send(app, gid, alice_id, "SELECT 1 FROM conversations WHERE id = :g FOR NO KEY UPDATE",
+                                "delete", lambda: convs.delete_conversation(gid))
+    assert not deleter.failures, deleter.failures
     db.session.expire_all()
     assert db.session.get(Conversation, gid) is None
 
@@ -339,11 +354,7 @@ def test_a_member_removed_while_their_send_waits_cannot_post(app, pg_group):
                 removal.execute(sa.text(f"DELETE FROM {table} WHERE conversation_id = :g AND user_id = :u"),
                                 {"g": gid, "u": carol_id})
             sender = _in_thread(app, "send", lambda: msgs.send_to(carol_id, gid, "too late"))
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not removal.execute(sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock'")).scalar():
-                time.sleep(0.05)  # until her send waits for the conversation
+            _until_a_lock_wait(removal)  # until her send waits for the conversation
             removal.commit()
         sender.join(10)
     finally:
@@ -378,26 +389,11 @@ def test_a_retention_batch_takes_its_locks_in_the_order_a_send_does(app, pg_grou
     old, _ = msgs.send_message(db.session.get(User, alice_id), db.session.get(Conversation, gid), "old")
     old_id = old.id
     age([old_id], 8)
-    engine = sa.create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
-    try:
-        with engine.connect() as send:
-            # The send's first update (the conversation's row), as its statement makes it.
-            send.execute(sa.text("UPDATE conversations SET text_count = text_count + 1 WHERE id = :g"), {"g": gid})
-            purge = _in_thread(app, "purge", lambda: purge_expired_messages(7))
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not send.execute(sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock'")).scalar():
-                time.sleep(0.05)  # until the batch waits for a lock the send holds
-            # Its second (the sender's unread row); then the send commits.
-            send.execute(sa.text("UPDATE unreads SET read_count = read_count WHERE conversation_id = :g"
-                                 " AND user_id = :u"), {"g": gid, "u": alice_id})
-            send.execute(sa.text("UPDATE conversations SET text_count = text_count - 1 WHERE id = :g"), {"g": gid})
-            send.commit()
-        purge.join(10)
-        assert not purge.failures, purge.failures
-    finally:
-        engine.dispose()
+    # The send holds the conversation's row (an update takes the lock webchat_send takes first).
+    purge = _hold_like_a_send(app, gid, alice_id, "UPDATE conversations SET text_count = text_count + 1 WHERE id = :g",
+                              "purge", lambda: purge_expired_messages(7),
+                              undo="UPDATE conversations SET text_count = text_count - 1 WHERE id = :g")
+    assert not purge.failures, purge.failures
     db.session.expire_all()
     assert db.session.get(Message, old_id) is None
     assert_counters_exact()
