@@ -158,8 +158,7 @@ def _wait_http(server: Server, path: str, timeout: float = 30) -> None:
 def start_redis() -> tuple[Server, str]:
     """Start a private, non-persistent redis-server.
 
-    Redis pub/sub channels are server-wide, not per database number: on the shared 6379 the
-    bench's `webchat:events` would reach other webchat processes (a test suite) and theirs ours.
+    Not the shared 6379: the measured Redis should carry the bench's traffic alone.
     """
     binary = shutil.which("redis-server")
     if binary is None:

@@ -18,7 +18,6 @@ from werkzeug.datastructures import FileStorage
 from tests.conftest import image_bytes, login_client
 from webchat.extensions import db, redis_store
 from webchat.models import AuditLog, Conversation, Membership, Message, RetentionRun, User
-from webchat.realtime.bus import CHANNEL
 from webchat.services import admin as service
 
 
@@ -187,7 +186,7 @@ def test_disabled_user_cannot_sign_in_and_is_signed_out(app, admin, users, admin
 
 def test_disable_publishes_a_close_for_the_users_sockets(app, admin, users):
     pubsub = redis_store_client(app).pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(CHANNEL)
+    pubsub.subscribe(events_channel(app))
     try:
         admin.post(f"/admin/users/{users['bob']}/disable")
         events = drain(pubsub)
@@ -221,7 +220,7 @@ def test_delete_user_hands_groups_to_the_longest_standing_member(app, admin, use
                            .values(joined_at=datetime(2020, 1, 1, tzinfo=timezone.utc)))
         db.session.commit()
     pubsub = redis_store_client(app).pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(CHANNEL)
+    pubsub.subscribe(events_channel(app))
     try:
         response = admin.post(f"/admin/users/{users['alice']}/delete")
         events = drain(pubsub)
@@ -369,7 +368,7 @@ def test_delete_conversation_removes_it_and_tells_members(app, admin, users, gro
         team = db.session.get(Conversation, group)
         update_group(alice, team, image=FileStorage(io.BytesIO(image_bytes()), "g.png", content_type="image/png"))
     pubsub = redis_store_client(app).pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(CHANNEL)
+    pubsub.subscribe(events_channel(app))
     try:
         response = admin.post(f"/admin/conversations/{group}/delete")
         events = drain(pubsub)
@@ -530,6 +529,11 @@ def redis_store_client(app) -> redis.Redis:
     return app.extensions["redis"]
 
 
+def events_channel(app) -> str:
+    with app.app_context():
+        return redis_store.channel
+
+
 def drain(pubsub, seconds: float = 2.0) -> list[dict]:
     """Collect the events published so far (waits at most `seconds` for the first)."""
     events, deadline = [], time.monotonic() + seconds
@@ -564,7 +568,8 @@ def test_disabling_a_user_closes_their_open_socket(app, users, admin_id, live_se
         ws.send("not json")
         assert "JSON" in ws.recv()
         client = redis_store_client(app)
-        wait_for(lambda: dict(client.pubsub_numsub(CHANNEL)).get(CHANNEL.encode(), 0) >= 1)
+        channel = events_channel(app)
+        wait_for(lambda: dict(client.pubsub_numsub(channel)).get(channel.encode(), 0) >= 1)
         root = http_login(live_server.url, "root")
         response = root.post(f"/admin/users/{users['bob']}/disable",
                              data={"csrf_token": csrf_of(root, "/admin/")})

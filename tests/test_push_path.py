@@ -12,7 +12,6 @@ from tests.conftest import image_bytes, make_user
 from tests.support import shown_badge
 from webchat.extensions import db, redis_store
 from webchat.models import Membership, User
-from webchat.realtime.bus import CHANNEL
 from webchat.realtime.hub import Client, Hub
 from webchat.services import conversations as convs
 from webchat.services import messages as msgs
@@ -52,7 +51,7 @@ def published(pubsub, timeout=5.0):
 def listening():
     """Subscribe to the real channel (and give Redis a moment to register it)."""
     pubsub = redis_store.client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(CHANNEL)
+    pubsub.subscribe(redis_store.channel)
     time.sleep(0.1)
     return pubsub
 
@@ -248,3 +247,39 @@ def test_a_live_frame_is_the_frame_replay_renders(app, ctx, count_queries, local
             replayed = attach(Hub(), user.id, locale)
             hub.replay(replayed, after)
             assert replayed.ws.frames[-1] == live[user.id].ws.frames[0]
+
+
+def test_apps_sharing_a_redis_server_on_other_databases_do_not_hear_each_other(app, ctx):
+    from flask import Flask
+
+    from webchat.extensions import RedisClient
+    from webchat.realtime import bus
+
+    own = redis_store.client.connection_pool.connection_kwargs.get("db", 0)
+    url = app.config["REDIS_URL"]
+    other_url = (url.rsplit("/", 1)[0] + f"/{(own + 1) % 16}" if url.startswith("redis")
+                 else url.split("?")[0] + f"?db={(own + 1) % 16}")
+    neighbour = Flask("neighbour")  # another site on the same Redis server, another database
+    neighbour.config["REDIS_URL"] = other_url
+    RedisClient().init_app(neighbour)
+    with neighbour.app_context():
+        theirs = redis_store.client.pubsub(ignore_subscribe_messages=True)
+        theirs.subscribe(redis_store.channel)
+    ours = listening()
+    try:
+        time.sleep(0.1)
+        bus.publish({"type": "ping-test"})
+        assert published_types(ours) == ["ping-test"]
+        assert published_types(theirs) == []
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def published_types(pubsub, seconds: float = 0.5) -> list[str]:
+    types, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        item = pubsub.get_message(timeout=0.1)
+        if item and item["type"] == "message":
+            types.append(json.loads(item["data"])["type"])
+    return types

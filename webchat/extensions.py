@@ -23,13 +23,23 @@ class RedisClient:
 
     def init_app(self, app: Flask) -> None:
         # Short timeouts: a dead Redis must fail a health check or a publish quickly, not hang it.
-        app.extensions["redis"] = redis.Redis.from_url(
+        client = redis.Redis.from_url(
             app.config["REDIS_URL"], socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
         )
+        app.extensions["redis"] = client
+        # Pub/sub channels are server-wide: Redis's database numbers do not separate them. The
+        # events' channel carries the number, so apps sharing a server on different databases
+        # (two sites, a test run) never hear each other's events.
+        app.extensions["redis_channel"] = f"webchat:events:{client.connection_pool.connection_kwargs.get('db', 0)}"
 
     @property
     def client(self) -> redis.Redis:
         return current_app.extensions["redis"]
+
+    @property
+    def channel(self) -> str:
+        """The pub/sub channel of this app's events (see init_app)."""
+        return current_app.extensions["redis_channel"]
 
 
 # Sessions live for one request, event or socket frame, so objects need not be reloaded after a

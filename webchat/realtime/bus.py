@@ -1,6 +1,7 @@
 """Publish domain events to every web process through Redis pub/sub (called after commit).
 
-One channel for all events: each process's listener keeps what concerns its own sockets.
+One channel for all events (`redis_store.channel`, named after the Redis database): each
+process's listener keeps what concerns its own sockets.
 A message is published once (not once per recipient), with its fields and member ids, by
 services.messages.send_message; each listener pushes it to its own members' sockets.
 Pub/sub is at-most-once: a lost event is recovered by replay from the database.
@@ -16,7 +17,6 @@ import redis
 
 from ..extensions import redis_store
 
-CHANNEL = "webchat:events"
 log = logging.getLogger(__name__)
 # Events that could not be published while Redis was away; sent first by the next publish.
 _unsent: deque[str] = deque(maxlen=1000)
@@ -30,9 +30,9 @@ def publish(event: dict) -> bool:
     with _unsent_lock:
         try:
             while _unsent:
-                client.publish(CHANNEL, _unsent[0])
+                client.publish(redis_store.channel, _unsent[0])
                 _unsent.popleft()
-            client.publish(CHANNEL, payload)
+            client.publish(redis_store.channel, payload)
             return True
         except (redis.RedisError, OSError) as exc:
             _unsent.append(payload)

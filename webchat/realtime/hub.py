@@ -25,9 +25,8 @@ from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import TextMessage
 
-from ..extensions import db
+from ..extensions import db, redis_store
 from ..models import Membership, Message
-from .bus import CHANNEL
 
 log = logging.getLogger(__name__)
 PRESENCE_TTL = 60
@@ -281,7 +280,7 @@ class Hub:
         while not self._stopping:
             try:
                 pubsub = self._redis().pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(CHANNEL)
+                pubsub.subscribe(redis_store.channel)
                 if lost:
                     log.warning("pub/sub back: replaying to %d sockets", self.socket_count())
                     self._resync()
