@@ -2,6 +2,7 @@
 import pytest
 from sqlalchemy import select
 
+from tests.conftest import login_client, make_user
 from webchat.extensions import db
 from webchat.models import User
 
@@ -150,6 +151,18 @@ def test_delete_account_needs_the_password(app, client, users, auth):
     assert response.status_code == 403
     with app.app_context():
         assert db.session.get(User, users["alice"]) is not None
+
+
+def test_a_deleted_accounts_other_session_never_signs_in_the_next_account(app, users):
+    with app.app_context():
+        doomed_id = make_user("zoe").id  # the newest account: SQLite would hand its id out again
+    first, second = login_client(app, "zoe"), login_client(app, "zoe")
+    assert first.post("/account/delete", data={"password": "password123"}).status_code == 303
+    with app.app_context():
+        newcomer_id = make_user("newcomer").id
+    assert newcomer_id > doomed_id
+    response = second.get("/")
+    assert response.status_code == 303 and "/auth/login" in response.headers["Location"]
 
 
 def test_delete_account_removes_user_and_direct_conversations(app, client, users, auth):

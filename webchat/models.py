@@ -78,6 +78,9 @@ class User(UserMixin, db.Model):
     __table_args__ = (
         # Usernames are unique whatever their case: "Alice" and "alice" are one account.
         Index("ux_users_username_lower", func.lower(username), unique=True),
+        # Never reuse an id on SQLite (it would after the newest account is deleted): a session
+        # names its user by id, and a deleted account's cookie must not name a newer account.
+        {"sqlite_autoincrement": True},
     )
 
     @property
@@ -130,7 +133,12 @@ class Conversation(db.Model):
     )
     owner: Mapped[User | None] = relationship(foreign_keys=[owner_id])
 
-    __table_args__ = (Index("ix_conversations_last_message_at", "last_message_at"),)
+    __table_args__ = (
+        Index("ix_conversations_last_message_at", "last_message_at"),
+        # Never reuse an id on SQLite: an open page of a deleted conversation must not receive a
+        # newer conversation's messages.
+        {"sqlite_autoincrement": True},
+    )
 
 
 class Membership(db.Model):
