@@ -3,8 +3,11 @@ import re
 
 import pytest
 from playwright.sync_api import expect
+from sqlalchemy import select
 
 from tests.conftest import image_bytes, make_user
+from webchat.extensions import db
+from webchat.models import User
 
 pytestmark = pytest.mark.browser
 
@@ -401,11 +404,18 @@ def test_group_changes_show_at_once_in_an_open_group(app, page_factory):
     expect(viewer.locator(f"#messages-{gid} .msg.system")).to_have_count(1)
 
     owner.goto(f"/conversations/{gid}")
+    owner.click("#chat-menu summary")  # a menu closes with Escape, and with a click elsewhere
+    owner.keyboard.press("Escape")
+    expect(owner.locator("#chat-menu[open]")).to_have_count(0)
+    owner.click("#chat-menu summary")
+    owner.click(f"#messages-{gid}")
+    expect(owner.locator("#chat-menu[open]")).to_have_count(0)
     owner.click("#chat-menu summary")
     owner.fill("#group-name-input", "New name")
     owner.click("#group-settings-form button[type=submit]")
     expect(viewer.locator(f"#messages-{gid} .msg.system").last).to_contain_text("renamed the group to “New name”")
     expect(viewer.locator("#chat-title")).to_have_text("New name")
+    expect(viewer).to_have_title(re.compile(r"New name · webchat$"))  # the tab too
     expect(viewer.locator(f"#conversation-{gid}")).to_contain_text("New name")
 
     owner.click("#chat-menu summary")
@@ -541,14 +551,15 @@ def test_a_burst_of_messages_stays_in_order_when_the_socket_replays_it(app, page
     expect(page.locator(f"#messages-{cid} .bubble").first).to_have_text("m000")
 
 
-def test_scrolling_up_loads_older_messages_and_keeps_ones_place(app, page_factory):
+@pytest.mark.parametrize("total", [120, 60])  # 60: the older page is the last, with no further link
+def test_scrolling_up_loads_older_messages_and_keeps_ones_place(app, page_factory, total):
     from webchat.services import conversations as convs
     from webchat.services import messages as msgs
 
     with app.test_request_context():
         alice, bob = make_user("alice"), make_user("bob")
         direct = convs.find_or_create_direct(alice, bob)
-        for i in range(120):
+        for i in range(total):
             msgs.send_message(alice, direct, f"m{i:03d}")
         cid = direct.id
     page = page_factory()
@@ -558,13 +569,67 @@ def test_scrolling_up_loads_older_messages_and_keeps_ones_place(app, page_factor
     first = page.locator(f"#messages-{cid} > [data-mid]").first
     first_id = first.get_attribute("id")
     page.locator(f"#messages-{cid}").evaluate("el => { el.scrollTop = 0; }")
-    expect(page.locator(f"#messages-{cid} > [data-mid]")).to_have_count(100)
+    expect(page.locator(f"#messages-{cid} > [data-mid]")).to_have_count(min(total, 100))
     # The message that was at the top is still in view, not pushed away by the older ones.
     page.wait_for_function("""([pane, id]) => {
         const p = document.getElementById(pane).getBoundingClientRect();
         const m = document.getElementById(id).getBoundingClientRect();
         return m.top >= p.top - 1 && m.top < p.bottom;
     }""", arg=[f"messages-{cid}", first_id], timeout=5000)
+
+
+def test_a_refused_image_comes_off_and_a_double_click_or_a_lost_connection_says_the_right_thing(app, page_factory,
+                                                                                               tmp_path):
+    page, cid = open_direct(app, page_factory)
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is not an image")
+    page.set_input_files("#compose-image", str(fake))
+    expect(page.locator("#compose-file")).to_contain_text("notes.png")  # the attachment shows
+    page.click("#compose-send")
+    expect(page.locator("#flash")).to_contain_text("not a PNG, JPEG, GIF or WebP image")
+    expect(page.locator("#compose-file")).to_be_hidden()  # refused: it came off
+    page.fill("#compose-body", "text after a bad image")
+    page.press("#compose-body", "Enter")
+    expect(page.locator(f"#messages-{cid} .bubble").last).to_have_text("text after a bad image")
+    expect(page.locator("#flash")).to_be_empty()
+    # The attachment can also be taken off by hand.
+    page.set_input_files("#compose-image", str(fake))
+    page.click("#compose-file-remove")
+    expect(page.locator("#compose-file")).to_be_hidden()
+    assert page.eval_on_selector("#compose-image", "el => el.files.length") == 0
+    # Send pressed twice: one message, no error.
+    page.fill("#compose-body", "once")
+    page.dblclick("#compose-send")
+    expect(page.locator(f"#messages-{cid} .bubble").last).to_have_text("once")
+    page.wait_for_timeout(300)  # a second request would have answered by now
+    expect(page.locator(f"#messages-{cid} .bubble", has_text="once")).to_have_count(1)
+    expect(page.locator("#flash")).to_be_empty()
+    # Offline: the page says the message was not sent, and keeps it.
+    page.context.set_offline(True)
+    page.fill("#compose-body", "while offline")
+    page.click("#compose-send")
+    expect(page.locator("#flash")).to_contain_text("Not sent")
+    expect(page.locator("#compose-body")).to_have_value("while offline")
+    page.context.set_offline(False)
+
+
+def test_a_tall_new_message_is_scrolled_into_view(app, page_factory):
+    from webchat.services import messages as msgs
+
+    page, cid = open_direct(app, page_factory, username="bob")
+    with app.test_request_context():
+        alice = db.session.scalar(select(User).where(User.username == "alice"))
+        for i in range(30):
+            msgs.send_to(alice.id, cid, f"short {i}")
+    expect(page.locator(f"#messages-{cid} .bubble").last).to_have_text("short 29")
+    with app.test_request_context():
+        msgs.send_to(alice.id, cid, "\n".join(f"line {i}" for i in range(25)))
+    expect(page.locator(f"#messages-{cid} .bubble").last).to_contain_text("line 24")
+    # The reader was at the bottom: the new message's end is in view, not below the pane.
+    page.wait_for_function("""(pane) => {
+        const p = document.getElementById(pane), last = p.querySelector(':scope > [data-mid]:last-of-type');
+        return last && last.getBoundingClientRect().bottom <= p.getBoundingClientRect().bottom + 1;
+    }""", arg=f"messages-{cid}", timeout=5000)
 
 
 def test_a_chat_opened_on_a_desktop_is_ready_to_type_and_images_are_reachable_by_keyboard(app, page_factory):

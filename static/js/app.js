@@ -68,12 +68,26 @@
     });
   }
 
+  // Whether the reader is at the newest message: measured before something is added (a tall
+  // message or an image would otherwise push the bottom out of reach of any threshold).
+  var atBottom = true;
+  function nearBottom(box) { return box.scrollHeight - box.scrollTop - box.clientHeight < 160; }
+
   function scrollToBottom(force) {
     var box = document.querySelector(".messages");
     if (!box) return;
-    var near = box.scrollHeight - box.scrollTop - box.clientHeight < 160;
-    if (force || near) box.scrollTop = box.scrollHeight;
+    if (force || atBottom || nearBottom(box)) box.scrollTop = box.scrollHeight;
+    atBottom = nearBottom(box);
   }
+
+  document.addEventListener("scroll", function (evt) {
+    if (evt.target.classList && evt.target.classList.contains("messages")) atBottom = nearBottom(evt.target);
+  }, true);
+  // An image that finishes loading grows its message: keep a reader who was at the bottom there.
+  document.addEventListener("load", function (evt) {
+    var img = evt.target;
+    if (img.tagName === "IMG" && img.closest && img.closest(".messages") && atBottom) scrollToBottom(true);
+  }, true);
 
   function markActive() {
     var cid = openCid();
@@ -122,6 +136,11 @@
           if (!fresh) return;
           head.replaceWith(fresh);
           htmx.process(fresh);
+          var title = document.querySelector("title");
+          if (title && fresh.getAttribute("data-title")) {
+            title.setAttribute("data-base", fresh.getAttribute("data-title"));
+            updateTitle();
+          }
         }).catch(function () {});
     }, 100 + Math.random() * 900);
   }
@@ -340,18 +359,67 @@
     box.value = "";
   });
 
+  // Nothing to send (the Send button pressed twice, an empty box): no request, no error.
+  document.addEventListener("htmx:beforeRequest", function (evt) {
+    var form = evt.detail.elt;
+    if (!form || form.id !== "compose-form") return;
+    if (!form.querySelector("#compose-body").value.trim() && !form.querySelector("#compose-image").files.length) {
+      evt.preventDefault();
+    }
+  });
+
+  // The attached image shows by name, with a button that takes it off again.
+  function showAttachment(form) {
+    var input = form.querySelector("#compose-image"), chip = form.querySelector("#compose-file");
+    if (!input || !chip) return;
+    var file = input.files.length ? input.files[0] : null;
+    chip.hidden = !file;
+    chip.querySelector(".compose-file-name").textContent = file ? file.name : "";
+  }
+
+  function dropAttachment(form) {
+    var input = form.querySelector("#compose-image");
+    if (input) input.value = "";
+    showAttachment(form);
+  }
+
+  document.addEventListener("change", function (evt) {
+    if (evt.target.id === "compose-image") showAttachment(evt.target.form);
+  });
+  document.addEventListener("click", function (evt) {
+    var remove = evt.target.closest && evt.target.closest("#compose-file-remove");
+    if (!remove) return;
+    dropAttachment(remove.form);
+    remove.form.querySelector("#compose-body").focus();
+  });
+
   document.addEventListener("htmx:afterRequest", function (evt) {
     var form = evt.detail.elt;
     if (!form || form.id !== "compose-form") return;
     var box = form.querySelector("#compose-body"), sent = form._sending || "";
+    var status = evt.detail.xhr ? evt.detail.xhr.status : 0;
     form._sending = null;
     if (evt.detail.successful) {
-      form.querySelector("#compose-image").value = "";
+      dropAttachment(form);
       form.querySelector("#compose-client-id").value = "";
       var flash = document.getElementById("flash"); if (flash) flash.innerHTML = "";
       scrollToBottom(true);
-    } else if (sent) {
-      box.value = box.value ? sent + "\n" + box.value : sent;
+      return;
+    }
+    if (sent) box.value = box.value ? sent + "\n" + box.value : sent;
+    // Refused (not lost on the way): an image the server would not take would block every
+    // later message, so it comes off; the error says why. A lost request keeps it for a retry.
+    if (status >= 400 && status < 500) dropAttachment(form);
+    if (!status) {
+      var flashed = document.getElementById("flash");
+      if (flashed) {
+        flashed.innerHTML = "";
+        var note = document.createElement("p");
+        note.className = "error";
+        note.setAttribute("role", "alert");
+        note.textContent = form.getAttribute("data-offline-text") || "";
+        flashed.appendChild(note);
+      }
     }
   });
 
@@ -386,15 +454,39 @@
     if (more && !more.classList.contains("htmx-request")) htmx.trigger(more, "click");
   }, true);
   // The first message shown before the older ones arrive stays at the same height on screen.
+  function restoreTop() {
+    if (!keepTop) return;
+    keepTop.pane.scrollTop += rise(keepTop.first, keepTop.pane) - keepTop.offset;
+    keepTop = null;
+  }
   document.addEventListener("htmx:beforeSwap", function (evt) {
     if (!evt.detail.elt || evt.detail.elt.id !== "load-older") return;
     var pane = evt.detail.elt.closest(".messages"), first = pane && pane.querySelector(":scope > [data-mid]");
     keepTop = first ? { pane: pane, first: first, offset: rise(first, pane) } : null;
+    // The link that asked is swapped out; when the answer brings no new one (the oldest page),
+    // afterSwap is not heard here: restore after the swap either way.
+    setTimeout(restoreTop, 0);
   });
   document.addEventListener("htmx:afterSwap", function (evt) {
-    if (!keepTop || !evt.detail.elt || evt.detail.elt.id !== "load-older") return;
-    keepTop.pane.scrollTop += rise(keepTop.first, keepTop.pane) - keepTop.offset;
-    keepTop = null;
+    if (evt.detail.elt && evt.detail.elt.id === "load-older") restoreTop();
+  });
+
+  // A menu (details.menu) closes with Escape or a click elsewhere, as menus do.
+  function closeMenus(except) {
+    document.querySelectorAll("details.menu[open]").forEach(function (menu) {
+      if (menu !== except) menu.open = false;
+    });
+  }
+  document.addEventListener("click", function (evt) {
+    closeMenus(evt.target.closest ? evt.target.closest("details.menu") : null);
+  });
+  document.addEventListener("keydown", function (evt) {
+    if (evt.key !== "Escape") return;
+    var open = document.querySelector("details.menu[open]");
+    if (!open) return;
+    closeMenus(null);
+    var summary = open.querySelector("summary");
+    if (summary) summary.focus();
   });
 
   document.addEventListener("DOMContentLoaded", function () {
