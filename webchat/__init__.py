@@ -294,8 +294,7 @@ def _register_request_hooks(app: Flask) -> None:
             return
         if "sid" not in session:
             session["sid"] = secrets.token_urlsafe(12)
-        # "at": when the session signed in; one restored from a remember cookie has none (0).
-        revoked, seen_due = check_session(session["sid"], user_id, session.get("at", 0.0))
+        revoked, seen_due = check_session(session["sid"], user_id)
         if revoked:
             logout_user()
             session.clear()

@@ -1,7 +1,6 @@
 """Account views: thin wrappers around services.accounts."""
 from __future__ import annotations
 
-import time
 from urllib.parse import urlsplit
 
 from flask import current_app, redirect, render_template, request, session, url_for
@@ -30,7 +29,6 @@ def _start_session(user, remember: bool = False) -> None:
 
     login_user(user, remember=remember)
     session["sid"] = secrets.token_urlsafe(12)
-    session["at"] = time.time()  # sessions signed in before an account's sessions were revoked stay out
 
 
 @bp.route("/auth/register", methods=["GET", "POST"])

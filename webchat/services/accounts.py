@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import time
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -194,7 +193,6 @@ def delete_account(user: User, password: str) -> None:
     uid = user.id
     with transaction():
         affected = delete_user(user)
-    revoke_user_sessions(uid)
     from ..realtime import bus
 
     bus.user_removed(uid, affected)
@@ -217,40 +215,25 @@ def revoke_session(sid: str) -> None:
     bus.close_session(sid)
 
 
-def revoke_user_sessions(user_id: int) -> None:
-    """Sign out every session the user has signed in with so far (a disabled or deleted account):
-    their cookies stay refused after the account is enabled again. Sessions record when they
-    signed in; the cut-off is kept for as long as a revoked session's."""
-    import redis
-
-    from ..extensions import redis_store
-
-    try:
-        redis_store.client.setex(f"webchat:signed-out:{user_id}", REVOKED_TTL, repr(time.time()))
-    except (redis.RedisError, OSError):
-        pass  # disabled and deleted accounts are refused anyway; only a re-enabled one would return
-
-
 SEEN_EVERY = 300  # seconds: "last seen" is written at most once per user per 5 minutes
 
 
-def check_session(sid: str | None, user_id: int, signed_in_at: float = 0.0) -> tuple[bool, bool]:
-    """For a signed-in request, one Redis round trip: was this session signed out (itself, or
-    every session of the user up to a time after `signed_in_at`), and is the user's "last seen"
-    due to be written? Without Redis: neither (the cookie still works)."""
+def check_session(sid: str | None, user_id: int) -> tuple[bool, bool]:
+    """For a signed-in request, one Redis round trip: was this session signed out, and is the
+    user's "last seen" due to be written? Without Redis: neither (the cookie still works)."""
     import redis
 
     from ..extensions import redis_store
 
     try:
         pipe = redis_store.client.pipeline(transaction=False)
-        pipe.exists(f"webchat:revoked:{sid or '-'}")
-        pipe.get(f"webchat:signed-out:{user_id}")
+        if sid:
+            pipe.exists(f"webchat:revoked:{sid}")
         pipe.set(f"webchat:seen:{user_id}", 1, nx=True, ex=SEEN_EVERY)
-        revoked, cut_off, seen_due = pipe.execute()
+        replies = pipe.execute()
     except (redis.RedisError, OSError):
         return False, False
-    return bool(revoked) or (cut_off is not None and signed_in_at <= float(cut_off)), bool(seen_due)
+    return (bool(replies[0]) if sid else False), bool(replies[-1])
 
 
 def _seen_window_starts(user_id: int) -> None:

@@ -339,7 +339,6 @@ def set_disabled(actor: User, uid, disabled: bool) -> User:
     if disabled:
         from ..realtime import bus
 
-        accounts.revoke_user_sessions(user.id)  # enabling the account later does not bring them back
         bus.close_user(user.id, 1008)
     return user
 
@@ -367,7 +366,6 @@ def delete_user(actor: User, uid) -> list[int]:
         _check_not_last_admin(actor, user)
         _audit(actor, "delete_user", _user_label(user))
         affected = accounts.delete_user(user)
-    accounts.revoke_user_sessions(user_id)
     from ..realtime import bus
 
     bus.user_removed(user_id, affected)
