@@ -86,11 +86,7 @@ def _add_member(conversation: Conversation, user_id: int, role: str = "member") 
 
 
 def find_or_create_direct(a: User, b: User) -> Conversation:
-    """Return the 1:1 conversation of two users, creating it once even under concurrent calls.
-
-    Made by `a`: it stays out of `b`'s list until its first message (an empty chat someone
-    only opened is not news to the other person), as a hidden conversation does.
-    """
+    """Return the 1:1 conversation of two users, creating it once even under concurrent calls."""
     if a.id == b.id:
         raise DomainError(_l("You cannot start a conversation with yourself."), 422)
     if b.is_disabled:
@@ -102,10 +98,8 @@ def find_or_create_direct(a: User, b: User) -> Conversation:
         return existing
     conversation = Conversation(is_group=False, direct_key=key)
     db.session.add(conversation)
-    for uid in (low, high):
-        membership = _add_member(conversation, uid)
-        if uid == b.id:
-            membership.hidden_through = 0  # back with the first message (any id is above 0)
+    _add_member(conversation, low)
+    _add_member(conversation, high)
     try:
         db.session.commit()
     except IntegrityError:
