@@ -604,13 +604,17 @@ def test_a_refused_image_comes_off_and_a_double_click_or_a_lost_connection_says_
     page.wait_for_timeout(300)  # a second request would have answered by now
     expect(page.locator(f"#messages-{cid} .bubble", has_text="once")).to_have_count(1)
     expect(page.locator("#flash")).to_be_empty()
-    # Offline: the page says the message was not sent, and keeps it.
+    # Offline: the page says the message was not sent, and keeps it (the image too).
+    page.set_input_files("#compose-image", str(fake))
     page.context.set_offline(True)
-    page.fill("#compose-body", "while offline")
-    page.click("#compose-send")
-    expect(page.locator("#flash")).to_contain_text("Not sent")
-    expect(page.locator("#compose-body")).to_have_value("while offline")
-    page.context.set_offline(False)
+    try:
+        page.fill("#compose-body", "while offline")
+        page.click("#compose-send")
+        expect(page.locator("#flash")).to_contain_text("Not sent")
+        expect(page.locator("#compose-body")).to_have_value("while offline")
+        expect(page.locator("#compose-file")).to_contain_text("notes.png")
+    finally:
+        page.context.set_offline(False)
 
 
 def test_a_tall_new_message_is_scrolled_into_view(app, page_factory):

@@ -135,6 +135,16 @@ def test_start_direct_conversation_by_id_or_username(app, setup):
     assert alice.post("/conversations", data={"username": "ghost"}).status_code == 404
 
 
+def test_a_refused_image_says_so_to_the_page_and_other_refusals_do_not(app, setup):
+    client = as_user(app, "alice")
+    bad = client.post(f"/conversations/{setup['direct']}/messages", headers=HX, content_type="multipart/form-data",
+                      data={"body": "look", "image": (io.BytesIO(b"not an image"), "x.png")})
+    assert bad.status_code == 400 and "not a PNG" in bad.get_data(as_text=True)
+    assert bad.headers.get("HX-Trigger") == "image-refused"  # the page takes the attachment off
+    too_long = client.post(f"/conversations/{setup['direct']}/messages", headers=HX, data={"body": "x" * 4001})
+    assert too_long.status_code == 422 and "HX-Trigger" not in too_long.headers
+
+
 def test_create_group_route(app, setup):
     client = as_user(app, "dave")
     response = client.post("/conversations", data={"name": "Dave's", "member_ids": [setup["bob"], setup["carol"]],

@@ -2,6 +2,7 @@
 import io
 import json
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -256,9 +257,10 @@ def test_apps_sharing_a_redis_server_on_other_databases_do_not_hear_each_other(a
     from webchat.realtime import bus
 
     own = redis_store.client.connection_pool.connection_kwargs.get("db", 0)
-    url = app.config["REDIS_URL"]
-    other_url = (url.rsplit("/", 1)[0] + f"/{(own + 1) % 16}" if url.startswith("redis")
-                 else url.split("?")[0] + f"?db={(own + 1) % 16}")
+    url, other = app.config["REDIS_URL"], (own + 1) % 16
+    parts = urlsplit(url)
+    other_url = (urlunsplit(parts._replace(path=f"/{other}")) if parts.scheme.startswith("redis")
+                 else url.split("?")[0] + f"?db={other}")  # unix://<socket path>?db=N
     neighbour = Flask("neighbour")  # another site on the same Redis server, another database
     neighbour.config["REDIS_URL"] = other_url
     RedisClient().init_app(neighbour)

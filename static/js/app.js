@@ -407,20 +407,27 @@
       return;
     }
     if (sent) box.value = box.value ? sent + "\n" + box.value : sent;
-    // Refused (not lost on the way): an image the server would not take would block every
-    // later message, so it comes off; the error says why. A lost request keeps it for a retry.
-    if (status >= 400 && status < 500) dropAttachment(form);
-    if (!status) {
-      var flashed = document.getElementById("flash");
-      if (flashed) {
-        flashed.innerHTML = "";
-        var note = document.createElement("p");
-        note.className = "error";
-        note.setAttribute("role", "alert");
-        note.textContent = form.getAttribute("data-offline-text") || "";
-        flashed.appendChild(note);
-      }
-    }
+    // Too large for the server to read at all: that can only be the image.
+    if (status === 413) dropAttachment(form);
+  });
+
+  // An image the server would not take would block every later message: it comes off (the
+  // answer's error says why). Other refusals (an expired form, too many sends) keep it.
+  document.addEventListener("image-refused", function (evt) {
+    var form = evt.target.closest ? evt.target.closest("#compose-form") : null;
+    if (form) dropAttachment(form);
+  });
+
+  // The request never reached the server: say so (the text is back in the box, the image kept).
+  document.addEventListener("htmx:sendError", function (evt) {
+    var form = evt.detail.elt, flash = document.getElementById("flash");
+    if (!form || form.id !== "compose-form" || !flash) return;
+    flash.innerHTML = "";
+    var note = document.createElement("p");
+    note.className = "error";
+    note.setAttribute("role", "alert");
+    note.textContent = form.getAttribute("data-offline-text") || "";
+    flash.appendChild(note);
   });
 
   // On a touch screen Enter starts a new line (there is no Shift to hold); the button sends.
@@ -481,7 +488,7 @@
     closeMenus(evt.target.closest ? evt.target.closest("details.menu") : null);
   });
   document.addEventListener("keydown", function (evt) {
-    if (evt.key !== "Escape") return;
+    if (evt.key !== "Escape" || evt.isComposing) return;
     var open = document.querySelector("details.menu[open]");
     if (!open) return;
     closeMenus(null);

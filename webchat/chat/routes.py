@@ -1,14 +1,14 @@
 """Chat views: parse the request, call one service, render."""
 from __future__ import annotations
 
-from flask import Response, abort, current_app, redirect, render_template, request, url_for
+from flask import Response, abort, current_app, make_response, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 
 from .. import is_htmx, refusal, signed_in_user_id
 from ..extensions import login_manager, redis_store
 from ..models import User
 from ..realtime.hub import online_user_ids
-from ..services import AccountClosed, DomainError
+from ..services import AccountClosed, DomainError, ImageRefused
 from ..services import conversations as convs
 from ..services import messages as msgs
 from ..services.images import image_for
@@ -181,7 +181,10 @@ def send(cid: int):
     except AccountClosed:
         return login_manager.unauthorized()  # a disabled or deleted account, as on every route
     except DomainError as exc:
-        return _fail(exc, lambda **kw: _chat_page(cid, **kw))
+        response = make_response(_fail(exc, lambda **kw: _chat_page(cid, **kw)))
+        if isinstance(exc, ImageRefused):
+            response.headers["HX-Trigger"] = "image-refused"  # the page takes the attachment off
+        return response
     status = 201 if created else 200
     if is_htmx():
         return render_template("chat/_sent.html", message=message), status

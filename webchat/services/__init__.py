@@ -22,6 +22,10 @@ class Forbidden(DomainError):
     status = 403
 
 
+class ImageRefused(DomainError):
+    """An uploaded file that is not an acceptable image (a form keeping it could never be sent)."""
+
+
 class AccountClosed(DomainError):
     """The account acting is disabled or deleted (its session or socket outlived it).
 

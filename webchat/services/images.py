@@ -12,7 +12,7 @@ from PIL import ImageOps, UnidentifiedImageError
 
 from ..extensions import db
 from ..models import Image, new_image_id
-from . import DomainError
+from . import ImageRefused
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "GIF", "WEBP"}
 FULL_SIZE = 2048
@@ -31,16 +31,16 @@ def _read_upload(upload) -> bytes:
     limit = current_app.config["MAX_IMAGE_BYTES"]
     data = upload.read(limit + 1)
     if not data:
-        raise DomainError(_l("The uploaded file is empty."), 400)
+        raise ImageRefused(_l("The uploaded file is empty."), 400)
     if len(data) > limit:
-        raise DomainError(_l("Images may be at most %(mb)d MB.", mb=limit // (1024 * 1024)), 413)
+        raise ImageRefused(_l("Images may be at most %(mb)d MB.", mb=limit // (1024 * 1024)), 413)
     return data
 
 
 def encode_image(data: bytes) -> EncodedImage:
     """Check that the bytes are a PNG/JPEG/GIF/WebP image and re-encode them without metadata."""
     max_pixels = current_app.config["MAX_IMAGE_PIXELS"]
-    bad = DomainError(_l("That file is not a PNG, JPEG, GIF or WebP image."), 400)
+    bad = ImageRefused(_l("That file is not a PNG, JPEG, GIF or WebP image."), 400)
     try:
         with warnings.catch_warnings():
             # A decompression bomb must be refused, not merely warned about.
@@ -49,7 +49,7 @@ def encode_image(data: bytes) -> EncodedImage:
                 if probe.format not in ALLOWED_FORMATS:
                     raise bad
                 if probe.width * probe.height > max_pixels:
-                    raise DomainError(_l("That image has too many pixels."), 413)
+                    raise ImageRefused(_l("That image has too many pixels."), 413)
                 probe.verify()
             # verify() leaves the image unusable: open again to decode it.
             with PILImage.open(io.BytesIO(data)) as img:
@@ -57,10 +57,10 @@ def encode_image(data: bytes) -> EncodedImage:
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 img = img.convert("RGBA" if _has_alpha(img) else "RGB")
-    except DomainError:
+    except ImageRefused:
         raise
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning):
-        raise DomainError(_l("That image has too many pixels."), 413)
+        raise ImageRefused(_l("That image has too many pixels."), 413)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         raise bad
     full = img.copy()
