@@ -94,6 +94,27 @@ def test_remember_sets_a_remember_cookie(client, users):
     assert client.get_cookie("remember_token") is not None
 
 
+def test_signing_out_also_ends_keep_me_signed_in(client, users):
+    client.post("/auth/login", data={"username": "alice", "password": "password123", "remember": "y"})
+    assert client.get_cookie("remember_token") is not None
+    assert client.post("/auth/logout").status_code == 303
+    assert client.get_cookie("remember_token") is None  # deleted with the session
+    response = client.get("/")
+    assert response.status_code == 303 and "/auth/login" in response.headers["Location"]
+
+
+def test_a_session_signed_out_elsewhere_does_not_come_back_through_keep_me_signed_in(app, users):
+    first = app.test_client()
+    first.post("/auth/login", data={"username": "alice", "password": "password123", "remember": "y"})
+    copy = app.test_client()  # the same cookies in another browser
+    for cookie in ("session", "remember_token"):
+        copy.set_cookie(cookie, first.get_cookie(cookie).value)
+    assert first.post("/auth/logout").status_code == 303
+    response = copy.get("/")  # the copied session was signed out: so is its remember cookie
+    assert response.status_code == 303 and "/auth/login" in response.headers["Location"]
+    assert copy.get_cookie("remember_token") is None
+
+
 def test_logout_signs_out(client, users, auth):
     auth.login()
     response = auth.logout()

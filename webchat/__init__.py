@@ -183,6 +183,20 @@ def signed_in_user_id() -> int | None:
     return int(user_id) if isinstance(user_id, str) and user_id.isdigit() else None
 
 
+def end_browser_session() -> None:
+    """Sign this browser out: the session emptied, and its "keep me signed in" cookie deleted.
+
+    Flask-Login deletes the remember cookie when the session says so ("_remember": "clear");
+    emptying the session after logout_user() wiped that word, and the cookie signed the browser
+    straight back in.
+    """
+    from flask_login import logout_user
+
+    logout_user()
+    session.clear()
+    session["_remember"] = "clear"
+
+
 def is_htmx() -> bool:
     """Say whether this request came from htmx and wants a fragment."""
     return request.headers.get("HX-Request") == "true"
@@ -285,8 +299,6 @@ def _register_request_hooks(app: Flask) -> None:
         # needs only the user's id (sending) never reads it.
         if request.endpoint == "static":
             return
-        from flask_login import logout_user
-
         from .services.accounts import check_session, mark_seen
 
         user_id = signed_in_user_id()
@@ -296,8 +308,7 @@ def _register_request_hooks(app: Flask) -> None:
             session["sid"] = secrets.token_urlsafe(12)
         revoked, seen_due = check_session(session["sid"], user_id)
         if revoked:
-            logout_user()
-            session.clear()
+            end_browser_session()
         elif seen_due:
             mark_seen(user_id)
 

@@ -5,8 +5,9 @@ from urllib.parse import urlsplit
 
 from flask import current_app, redirect, render_template, request, session, url_for
 from flask_babel import gettext as _
-from flask_login import current_user, login_required, login_user, logout_user
+from flask_login import current_user, login_required, login_user
 
+from .. import end_browser_session
 from ..extensions import limiter
 from ..services import AccountClosed, DomainError
 from ..services import accounts
@@ -78,8 +79,7 @@ def login():
 def logout():
     """Sign out and close this session's sockets."""
     sid = session.get("sid")
-    logout_user()
-    session.clear()
+    end_browser_session()
     if sid:
         accounts.revoke_session(sid)
     return redirect(url_for("auth.login"), 303)
@@ -120,8 +120,7 @@ def delete_account():
         except DomainError as exc:
             error, status = exc.message, exc.status
         else:
-            logout_user()
-            session.clear()
+            end_browser_session()
             return redirect(url_for("auth.register"), 303)
     return render_template("auth/profile.html", form=ProfileForm(obj=current_user), error=None,
                            delete_form=form, delete_error=error), status
