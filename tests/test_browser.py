@@ -410,6 +410,9 @@ def test_group_changes_show_at_once_in_an_open_group(app, page_factory):
     owner.click("#chat-menu summary")
     owner.click(f"#messages-{gid}")
     expect(owner.locator("#chat-menu[open]")).to_have_count(0)
+    viewer.click("#chat-menu summary")  # the viewer opened and closed the menu: its button keeps focus
+    viewer.keyboard.press("Escape")
+    expect(viewer.locator("#chat-menu summary")).to_be_focused()
     owner.click("#chat-menu summary")
     owner.fill("#group-name-input", "New name")
     owner.click("#group-settings-form button[type=submit]")
@@ -615,6 +618,20 @@ def test_a_refused_image_comes_off_and_a_double_click_or_a_lost_connection_says_
         expect(page.locator("#compose-file")).to_contain_text("notes.png")
     finally:
         page.context.set_offline(False)
+
+
+def test_the_typing_hint_ends_when_the_message_arrives(app, page_factory):
+    reader, cid = open_direct(app, page_factory, username="bob")
+    writer = page_factory()
+    sign_in(writer, "alice")
+    writer.goto(f"/conversations/{cid}")
+    writer.wait_for_function("document.body.classList.contains('offline') === false")
+    reader.wait_for_function("document.body.classList.contains('offline') === false")
+    writer.type("#compose-body", "hello there", delay=20)
+    expect(reader.locator(f"#typing-{cid}")).to_contain_text("Alice is typing")
+    writer.press("#compose-body", "Enter")
+    expect(reader.locator(f"#messages-{cid} .bubble").last).to_have_text("hello there")
+    expect(reader.locator(f"#typing-{cid}")).to_be_empty(timeout=1500)  # not the 4 s fallback
 
 
 def test_a_tall_new_message_is_scrolled_into_view(app, page_factory):

@@ -127,15 +127,20 @@
         }).then(function (html) {
           var head = document.querySelector(".chat-head");
           if (!html || !head) return;
-          // Not while someone is using it (the menu open, a field being typed in): later.
-          if (head.contains(document.activeElement) || head.querySelector("details[open]")) {
+          // Not while someone is using it (the menu open, a field being typed in): later. A
+          // focused button (the menu's, closed) is no reason to wait: its focus is moved over.
+          var focused = document.activeElement;
+          if (head.querySelector("details[open]") ||
+              (head.contains(focused) && focused.matches("input, textarea, select"))) {
             setTimeout(recheckOpen, 2000);
             return;
           }
           var fresh = new DOMParser().parseFromString(html, "text/html").querySelector(".chat-head");
           if (!fresh) return;
+          var refocus = head.contains(focused) && focused.closest("#chat-menu") ? "#chat-menu summary" : null;
           head.replaceWith(fresh);
           htmx.process(fresh);
+          if (refocus && fresh.querySelector(refocus)) fresh.querySelector(refocus).focus();
           var title = document.querySelector("title");
           if (title && fresh.getAttribute("data-title")) {
             title.setAttribute("data-base", fresh.getAttribute("data-title"));
@@ -196,6 +201,12 @@
     var open = openCid();
     frag.querySelectorAll("[id^='message-']").forEach(function (el) {
       if (document.getElementById(el.id)) { el.remove(); return; }
+      // Their message is here: "… is typing" is over.
+      var typing = pane && pane.id && document.getElementById(pane.id.replace("messages-", "typing-"));
+      if (typing && typing.textContent && typing.getAttribute("data-uid") === el.getAttribute("data-sender")) {
+        clearTimeout(typing._clear);
+        typing.textContent = "";
+      }
       var inPane = pane && pane.id && pane.id.indexOf("messages-") === 0;
       if (inPane && open && pane.id === "messages-" + open && el.classList.contains("system")) recheckOpen();
       if (inPane) placeByAge(pane, el);

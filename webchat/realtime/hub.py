@@ -423,7 +423,7 @@ class Hub:
                 for client in viewers:
                     if client.user_id in members:
                         out.append(partial(client.send, self._render(client, "realtime/_typing.html", cid=cid,
-                                                                     name=event.get("name", ""))))
+                                                                     name=event.get("name", ""), uid=event.get("uid"))))
         elif kind == "close_user":
             for client in self.clients_of(int(event["uid"])):
                 out.append(partial(client.close, int(event.get("code", 1008)), "signed out"))
