@@ -154,6 +154,8 @@ def test_profile_update(app, client, users, auth):
     assert response.status_code == 303
     page = client.get("/profile").get_data(as_text=True)
     assert "hello &lt;b&gt;world&lt;/b&gt;" in page
+    assert page.count("Your profile is saved.") == 1  # said once, after the save...
+    assert "Your profile is saved." not in client.get("/profile").get_data(as_text=True)  # ...not again
 
 
 @pytest.mark.parametrize("name, remark, message", [

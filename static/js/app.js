@@ -496,6 +496,7 @@
     });
   }
   document.addEventListener("click", function (evt) {
+    if (!evt.isTrusted) return;  // a click the page makes itself (loading older messages) is not the user's
     closeMenus(evt.target.closest ? evt.target.closest("details.menu") : null);
   });
   document.addEventListener("keydown", function (evt) {

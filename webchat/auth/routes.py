@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from flask import current_app, redirect, render_template, request, session, url_for
+from flask import current_app, flash, redirect, render_template, request, session, url_for
 from flask_babel import gettext as _
 from flask_login import current_user, login_required, login_user
 
@@ -100,6 +100,7 @@ def profile():
             except DomainError as exc:
                 error, status = exc.message, exc.status
             else:
+                flash(_("Your profile is saved."), "saved")
                 return redirect(url_for("auth.profile"), 303)
         else:
             status = 422
