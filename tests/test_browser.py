@@ -50,6 +50,20 @@ def open_direct(app, page_factory, username="alice"):
     return page, cid
 
 
+def alice_with_two_chats(app, carol_says: str | None = None) -> tuple[int, int]:
+    """alice's 1:1s with bob and with carol (who may have written first); returns their ids."""
+    from webchat.services import conversations as convs
+    from webchat.services import messages as msgs
+
+    with app.test_request_context():
+        alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+        direct = convs.find_or_create_direct(alice, bob)
+        other = convs.find_or_create_direct(alice, carol)
+        if carol_says:
+            msgs.send_message(carol, other, carol_says)
+        return direct.id, other.id
+
+
 def test_register_sign_out_sign_in(page_factory):
     page = page_factory()
     page.goto("/auth/register")
@@ -681,15 +695,7 @@ def test_hiding_in_one_tab_leaves_the_chat_open_in_another(app, page_factory):
 
 
 def test_a_peer_deleting_their_account_closes_the_open_chat_and_times_stay_local(app, browser, live_server):
-    from webchat.services import conversations as convs
-    from webchat.services import messages as msgs
-
-    with app.test_request_context():
-        alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
-        direct = convs.find_or_create_direct(alice, bob)
-        other = convs.find_or_create_direct(alice, carol)
-        msgs.send_message(carol, other, "hi")
-        cid, other_id = direct.id, other.id
+    cid, other_id = alice_with_two_chats(app, carol_says="hi")
     context = browser.new_context(base_url=live_server.url, locale="en-US", timezone_id="America/New_York")
     leaver = browser.new_context(base_url=live_server.url)
     try:
@@ -714,14 +720,9 @@ def test_a_peer_deleting_their_account_closes_the_open_chat_and_times_stay_local
 
 
 def test_a_message_for_a_chat_not_open_updates_the_list_without_errors(app, page_factory):
-    from webchat.services import conversations as convs
     from webchat.services import messages as msgs
 
-    with app.test_request_context():
-        alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
-        direct = convs.find_or_create_direct(alice, bob)
-        other = convs.find_or_create_direct(alice, carol)
-        cid, other_id = direct.id, other.id
+    cid, other_id = alice_with_two_chats(app)
     listing, chatting = page_factory(), page_factory()
     errors = []
     for page in (listing, chatting):
@@ -731,7 +732,8 @@ def test_a_message_for_a_chat_not_open_updates_the_list_without_errors(app, page
     for page in (listing, chatting):
         expect(page.locator(f"#conversation-{cid}")).to_have_count(1)
     with app.test_request_context():
-        msgs.send_to(bob.id, cid, "for the list")  # live, or by the replay of a socket still opening
+        bob_id = db.session.scalar(select(User.id).where(User.username == "bob"))
+        msgs.send_to(bob_id, cid, "for the list")  # live, or by the replay of a socket still opening
     for page in (listing, chatting):
         expect(page.locator(f"#conversation-{cid}")).to_contain_text("for the list")
         expect(page.locator(f"#unread-{cid}")).to_have_text("1")

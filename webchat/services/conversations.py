@@ -150,8 +150,14 @@ def _parse_ids(ids) -> list[int]:
     return list(dict.fromkeys(out))
 
 
+def _active_users(ids, *order_by) -> list[User]:
+    """The active (not disabled) users among these ids, in one query."""
+    return list(db.session.scalars(
+        select(User).where(User.id.in_(ids), User.is_disabled.is_(False)).order_by(*order_by)).all())
+
+
 def _existing_users(ids: list[int]) -> list[User]:
-    users = db.session.scalars(select(User).where(User.id.in_(ids), User.is_disabled.is_(False))).all()
+    users = _active_users(ids)
     if len(users) != len(ids):
         raise DomainError(_l("Some of those people do not exist."), 422)
     order = {uid: i for i, uid in enumerate(ids)}
@@ -822,11 +828,7 @@ def users_by_ids(raw_ids, limit: int = MAX_GROUP_OTHERS) -> list[User]:
             wanted.add(parse_id(raw))
         except NotFound:
             continue
-    if not wanted:
-        return []
-    return list(db.session.scalars(
-        select(User).where(User.id.in_(wanted), User.is_disabled.is_(False)).order_by(func.lower(User.name), User.id)
-    ).all())
+    return _active_users(wanted, func.lower(User.name), User.id) if wanted else []
 
 
 def search_users(query: str, exclude_id: int, limit: int = 20) -> list[User]:
