@@ -192,7 +192,7 @@ def test_disable_publishes_a_close_for_the_users_sockets(app, admin, users):
         events = drain(pubsub)
     finally:
         pubsub.close()
-    assert {"type": "close_user", "uid": users["bob"], "code": 1008} in events
+    assert {"type": "close_user", "user_id": users["bob"], "code": 1008} in events
 
 
 def test_enable_lets_the_user_sign_in_again(app, admin, users):
@@ -228,9 +228,9 @@ def test_delete_user_hands_groups_to_the_longest_standing_member(app, admin, use
         pubsub.close()
     assert response.status_code == 303
     # Her sockets close, and the people who knew her get fresh lists.
-    assert {"type": "close_user", "uid": users["alice"], "code": 1008} in events
+    assert {"type": "close_user", "user_id": users["alice"], "code": 1008} in events
     refresh = [e for e in events if e["type"] == "refresh"]
-    assert refresh and sorted(refresh[0]["uids"]) == sorted([users["bob"], users["carol"]])
+    assert refresh and sorted(refresh[0]["user_ids"]) == sorted([users["bob"], users["carol"]])
     assert response.headers["Location"] == "/admin/users"
     with app.app_context():
         assert db.session.get(User, users["alice"]) is None
@@ -384,8 +384,8 @@ def test_delete_conversation_removes_it_and_tells_members(app, admin, users, gro
             Membership.conversation_id == group)) == 0
         assert service.dashboard().images == 0
     removed = [e for e in events if e["type"] == "removed"]
-    assert removed and removed[0]["cid"] == group
-    assert sorted(removed[0]["uids"]) == sorted([users["alice"], users["bob"], users["carol"]])
+    assert removed and removed[0]["conversation_id"] == group
+    assert sorted(removed[0]["user_ids"]) == sorted([users["alice"], users["bob"], users["carol"]])
     assert audit_rows(app) == [("root", "delete_conversation", f"group {group} (Team)")]
     # The members' own view of it is gone.
     assert login_client(app, "bob").get(f"/conversations/{group}").status_code == 404

@@ -8,6 +8,8 @@ from sqlalchemy import select
 from tests.conftest import image_bytes, make_user
 from webchat.extensions import db
 from webchat.models import User
+from webchat.services import membership as access
+from webchat.services import conversation_list as lists
 
 pytestmark = pytest.mark.browser
 
@@ -238,7 +240,7 @@ def test_the_list_loads_more_rows_when_scrolled(app, page_factory):
 
     with app.test_request_context():
         reader = make_user("reader")
-        for i in range(convs.LIST_PAGE + 5):
+        for i in range(lists.LIST_PAGE + 5):
             other = make_user(f"friend{i:03d}")
             msgs.send_message(db.session.get(User, other.id), convs.find_or_create_direct(reader, other), f"hello {i}")
     page = page_factory()
@@ -249,12 +251,12 @@ def test_the_list_loads_more_rows_when_scrolled(app, page_factory):
     expect(rows.first).to_contain_text("hello 54")
     page.locator("#conversation-list-more").scroll_into_view_if_needed()
     expect(page.locator("#conversation-list-more")).to_have_count(0)
-    expect(rows).to_have_count(convs.LIST_PAGE + 5)
+    expect(rows).to_have_count(lists.LIST_PAGE + 5)
 
     def order():
         return [int(t.split("hello ")[-1].split()[0]) for t in rows.all_inner_texts()]
 
-    assert order() == list(range(convs.LIST_PAGE + 4, -1, -1))
+    assert order() == list(range(lists.LIST_PAGE + 4, -1, -1))
 
 
 @pytest.mark.parametrize("answered", ["before the pushes", "after the pushes"])
@@ -293,9 +295,9 @@ def test_a_row_pushed_before_the_chat_page_list_arrives_is_kept(app, page_factor
     assert sockets and sockets[-1].endswith(f"after={newest}"), sockets
     # Pushed live, or replayed when the socket opens: either way they land in the placeholder.
     with app.test_request_context():
-        msgs.send_message(db.session.get(User, carol_id), convs.get_conversation_for(carol_id, with_carol)[0],
+        msgs.send_message(db.session.get(User, carol_id), access.get_conversation_for(carol_id, with_carol)[0],
                           "carol again")
-        msgs.send_message(db.session.get(User, bob_id), convs.get_conversation_for(bob_id, with_bob)[0],
+        msgs.send_message(db.session.get(User, bob_id), access.get_conversation_for(bob_id, with_bob)[0],
                           "bob, on screen")
     early = page.locator(f"#conversation-list[data-loading] #conversation-{with_carol}")
     expect(early).to_contain_text("carol again")

@@ -10,6 +10,8 @@ from webchat.extensions import db
 from webchat.models import Conversation, Membership, Message, User
 from webchat.services import conversations as convs
 from webchat.services import messages as msgs
+from webchat.services import conversation_list as lists
+from webchat.services import read_state as reads
 
 HX = {"HX-Request": "true"}
 
@@ -310,7 +312,7 @@ def test_list_page_query_count_is_constant(app, users, count_queries, n, url, he
     with counter:
         response = client.get(url, headers=headers)
     assert response.status_code == 200
-    assert response.get_data(as_text=True).count('class="conv-row"') == min(n, convs.LIST_PAGE)
+    assert response.get_data(as_text=True).count('class="conv-row"') == min(n, lists.LIST_PAGE)
     # user, rows with their unread counts, peers, system last lines (last_seen is touched at most
     # every 5 minutes)
     assert counter.count == 4, counter.statements
@@ -319,13 +321,13 @@ def test_list_page_query_count_is_constant(app, users, count_queries, n, url, he
 def test_the_list_continues_page_by_page(app, users):
     with app.test_request_context():
         alice = db.session.get(User, users["alice"])
-        for i in range(convs.LIST_PAGE + 3):
+        for i in range(lists.LIST_PAGE + 3):
             other = make_user(f"q{i:03d}")
             msgs.send_message(other, convs.find_or_create_direct(alice, other), f"hi {i}")
     client = login_client(app, "alice")
     page = client.get("/").get_data(as_text=True)
     first = re.findall(r'id="conversation-(\d+)" class="conv-row"', page)
-    assert len(first) == convs.LIST_PAGE
+    assert len(first) == lists.LIST_PAGE
     more = re.search(r'id="conversation-list-more".*?href="([^"]+)"', page, re.S).group(1).replace("&amp;", "&")
     rest = client.get(more, headers=HX)
     assert rest.status_code == 200
@@ -400,7 +402,7 @@ def test_opening_a_read_conversation_again_writes_nothing(app, users, count_quer
     assert not any(s.lstrip().upper().startswith("UPDATE") or "FOR SHARE" in s.upper() for s in again.statements)
     assert again.count < first.count
     with app.test_request_context():
-        assert convs.unread_counts(users["alice"]) == {}
+        assert reads.unread_counts(users["alice"]) == {}
 
 
 @pytest.mark.parametrize("method, url, data", [
@@ -523,9 +525,9 @@ def test_the_chat_head_alone_reads_nothing_as_read(app, setup):
     assert response.status_code == 200 and html.lstrip().startswith("<header") and "<html" not in html
     assert 'id="member-list"' in html and "Team" in html and 'id="messages-' not in html
     with app.test_request_context():
-        assert convs.unread_counts(setup["bob"]) == {setup["group"]: 1}
+        assert reads.unread_counts(setup["bob"]) == {setup["group"]: 1}
     assert as_user(app, "dave").get(f"/conversations/{setup['group']}?part=head", headers=HX).status_code == 404
     # Without htmx it is the page, which marks read as always.
     assert bob.get(f"/conversations/{setup['group']}?part=head").status_code == 200
     with app.test_request_context():
-        assert convs.unread_counts(setup["bob"]) == {}
+        assert reads.unread_counts(setup["bob"]) == {}

@@ -3,6 +3,7 @@ from sqlalchemy import func, select
 
 from webchat.extensions import db
 from webchat.models import Conversation, User
+from webchat.services import read_state as reads
 
 
 def test_create_admin_makes_a_new_admin_who_can_sign_in(app, client):
@@ -57,8 +58,8 @@ def test_recount_unread_rebuilds_the_counters_of_messages_loaded_around_the_app(
         db.session.add_all([Message(conversation_id=direct.id, sender_id=alice.id, kind="text", body=f"loaded {i}",
                                     created_at=utcnow()) for i in range(3)])
         db.session.commit()
-        assert convs.unread_counts(bob.id) == {}  # loaded around the app: not counted yet
+        assert reads.unread_counts(bob.id) == {}  # loaded around the app: not counted yet
     result = app.test_cli_runner().invoke(args=["recount-unread"])
     assert result.exit_code == 0, result.output
     with app.app_context():
-        assert convs.unread_counts(users["bob"]) == {direct.id: 3}
+        assert reads.unread_counts(users["bob"]) == {direct.id: 3}

@@ -13,6 +13,11 @@ from webchat.models import Conversation, Image, Membership, Message, Unread, Use
 from webchat.services import AccountClosed, DomainError, Forbidden, NotFound
 from webchat.services import conversations as convs
 from webchat.services import messages as msgs
+from webchat.services import message_text
+from webchat.services import history
+from webchat.services import membership as access
+from webchat.services import conversation_list as lists
+from webchat.services import read_state as reads
 
 
 @pytest.fixture
@@ -72,7 +77,7 @@ def test_create_group_with_system_line(people):
     assert group.is_group and group.owner_id == people["alice"].id
     assert count(Membership, Membership.conversation_id == group.id) == 3
     line = db.session.scalar(select(Message).where(Message.conversation_id == group.id))
-    assert line.kind == "system" and msgs.system_text(line) == "Alice created the group “Team”"
+    assert line.kind == "system" and message_text.system_text(line) == "Alice created the group “Team”"
 
 
 @pytest.mark.parametrize("members, message", [([], "at least 2"), (["bob"], "at least 2")])
@@ -104,7 +109,7 @@ def test_add_and_remove_members_name_the_right_person(people):
     group = convs.create_group(people["alice"], "T", [people["bob"].id, people["carol"].id])
     convs.add_members(people["alice"], group, [people["dave"].id])
     convs.remove_member(people["alice"], group, people["bob"].id)
-    lines = [msgs.system_text(m) for m in db.session.scalars(
+    lines = [message_text.system_text(m) for m in db.session.scalars(
         select(Message).where(Message.conversation_id == group.id).order_by(Message.id))]
     assert lines[1:] == ["Alice added Dave", "Alice removed Bob"]
     assert db.session.get(Membership, (group.id, people["bob"].id)) is None
@@ -136,7 +141,7 @@ def test_leave_hands_ownership_to_longest_member(people):
     db.session.refresh(group)
     assert group.owner_id == people["bob"].id
     last = db.session.scalar(select(Message).where(Message.conversation_id == group.id).order_by(Message.id.desc()))
-    assert msgs.system_text(last) == "Alice left the group"
+    assert message_text.system_text(last) == "Alice left the group"
 
 
 def test_rename_writes_a_system_line(people):
@@ -217,28 +222,28 @@ def test_a_send_outside_a_transaction_is_its_own_and_leaves_the_session_transact
     db.session.execute(update(User).where(User.id == bob_id).values(name="Changed"))
     db.session.rollback()
     assert db.session.scalar(select(User.name).where(User.id == bob_id)) == "Bob"
-    assert convs.unread_counts(bob_id) == {direct.id: 1}
+    assert reads.unread_counts(bob_id) == {direct.id: 1}
     # With an image, the image's row comes first: the function runs in that transaction.
     msgs.send_to(people["alice"].id, direct.id, "with a picture", upload())
     assert autocommit[1] is False
-    assert convs.unread_counts(bob_id) == {direct.id: 2}
+    assert reads.unread_counts(bob_id) == {direct.id: 2}
 
 
 def test_unread_counts_are_exact_and_uncapped(people):
     direct = convs.find_or_create_direct(people["alice"], people["bob"])
     for i in range(150):
         msgs.send_message(people["alice"], direct, f"m{i}")
-    assert convs.unread_counts(people["bob"].id) == {direct.id: 150}
-    assert convs.unread_counts(people["alice"].id) == {}  # never unread of your own
-    convs.mark_read(people["bob"].id, direct)
-    assert convs.unread_counts(people["bob"].id) == {}
+    assert reads.unread_counts(people["bob"].id) == {direct.id: 150}
+    assert reads.unread_counts(people["alice"].id) == {}  # never unread of your own
+    reads.mark_read(people["bob"].id, direct)
+    assert reads.unread_counts(people["bob"].id) == {}
 
 
 def test_system_lines_are_not_unread(people):
     group = convs.create_group(people["alice"], "T", [people["bob"].id, people["carol"].id])
-    assert convs.unread_counts(people["bob"].id) == {}
+    assert reads.unread_counts(people["bob"].id) == {}
     msgs.send_message(people["alice"], group, "hi")
-    assert convs.unread_counts(people["bob"].id) == {group.id: 1}
+    assert reads.unread_counts(people["bob"].id) == {group.id: 1}
 
 
 def test_hidden_conversation_returns_on_new_message_with_unread(people):
@@ -246,10 +251,10 @@ def test_hidden_conversation_returns_on_new_message_with_unread(people):
     msgs.send_message(people["alice"], direct, "one")
     membership = db.session.get(Membership, (direct.id, people["bob"].id))
     convs.hide(people["bob"], direct, membership)
-    assert [r.id for r in convs.conversation_list(people["bob"].id)] == []
-    assert [r.id for r in convs.conversation_list(people["alice"].id)] == [direct.id]  # only for bob
+    assert [r.id for r in lists.conversation_list(people["bob"].id)] == []
+    assert [r.id for r in lists.conversation_list(people["alice"].id)] == [direct.id]  # only for bob
     msgs.send_message(people["alice"], direct, "two")
-    rows = convs.conversation_list(people["bob"].id)
+    rows = lists.conversation_list(people["bob"].id)
     assert [(r.id, r.unread) for r in rows] == [(direct.id, 2)]
 
 
@@ -257,12 +262,12 @@ def test_starting_a_hidden_conversation_again_brings_it_back(people):
     direct = convs.find_or_create_direct(people["alice"], people["bob"])
     msgs.send_message(people["alice"], direct, "one")
     convs.hide(people["bob"], direct, db.session.get(Membership, (direct.id, people["bob"].id)))
-    assert convs.conversation_list(people["bob"].id) == []
+    assert lists.conversation_list(people["bob"].id) == []
     assert convs.start_direct(people["bob"], username="alice").id == direct.id
-    assert [r.id for r in convs.conversation_list(people["bob"].id)] == [direct.id]
+    assert [r.id for r in lists.conversation_list(people["bob"].id)] == [direct.id]
     # Only for the one who starts it: alice hid nothing, and starting it again changes nothing.
     assert convs.start_direct(people["alice"], user_id=people["bob"].id).id == direct.id
-    assert [r.id for r in convs.conversation_list(people["alice"].id)] == [direct.id]
+    assert [r.id for r in lists.conversation_list(people["alice"].id)] == [direct.id]
 
 
 @pytest.mark.parametrize("body, image, message", [
@@ -308,11 +313,11 @@ def test_long_client_id_is_refused(people):
 def test_messages_page_keyset(people):
     direct = convs.find_or_create_direct(people["alice"], people["bob"])
     ids = [msgs.send_message(people["alice"], direct, f"m{i}")[0].id for i in range(120)]
-    newest = msgs.messages_page(direct.id)
+    newest = history.messages_page(direct.id)
     assert [m.id for m in newest] == ids[-50:]
-    older = msgs.messages_page(direct.id, before=newest[0].id)
+    older = history.messages_page(direct.id, before=newest[0].id)
     assert [m.id for m in older] == ids[-100:-50]
-    oldest = msgs.messages_page(direct.id, before=older[0].id)
+    oldest = history.messages_page(direct.id, before=older[0].id)
     assert [m.id for m in oldest] == ids[:20]
 
 
@@ -321,24 +326,24 @@ def test_before_must_belong_to_the_conversation(people):
     two = convs.find_or_create_direct(people["alice"], people["carol"])
     foreign = msgs.send_message(people["alice"], two, "x")[0]
     with pytest.raises(NotFound):
-        msgs.messages_page(one.id, before=foreign.id)
+        history.messages_page(one.id, before=foreign.id)
     with pytest.raises(DomainError):
-        msgs.messages_page(one.id, before="abc")
+        history.messages_page(one.id, before="abc")
 
 
 def test_get_conversation_for_non_member_is_not_found(people):
     direct = convs.find_or_create_direct(people["alice"], people["bob"])
     with pytest.raises(NotFound):
-        convs.get_conversation_for(people["carol"].id, direct.id)
+        access.get_conversation_for(people["carol"].id, direct.id)
     with pytest.raises(NotFound):
-        convs.get_conversation_for(people["carol"].id, 987654)
+        access.get_conversation_for(people["carol"].id, 987654)
 
 
 def test_list_is_newest_first_and_names_the_other_person(people):
     one = convs.find_or_create_direct(people["alice"], people["bob"])
     group = convs.create_group(people["carol"], "G", [people["alice"].id, people["dave"].id])
     msgs.send_message(people["alice"], one, "later")
-    rows = convs.conversation_list(people["alice"].id)
+    rows = lists.conversation_list(people["alice"].id)
     assert [r.id for r in rows] == [one.id, group.id]
     assert rows[0].title == "Bob" and rows[1].title == "G"
 
@@ -346,11 +351,11 @@ def test_list_is_newest_first_and_names_the_other_person(people):
 def test_replay_returns_newer_messages_and_late_committers(people):
     direct = convs.find_or_create_direct(people["alice"], people["bob"])
     ids = [msgs.send_message(people["alice"], direct, f"m{i}")[0].id for i in range(5)]
-    replay = [m.id for m in msgs.messages_for_replay(people["bob"].id, ids[2])]
+    replay = [m.id for m in history.messages_for_replay(people["bob"].id, ids[2])]
     # Everything newer, plus the recent ones just before: a message can commit after a newer id.
     assert ids[3] in replay and ids[4] in replay
     assert replay == sorted(replay)
-    assert not msgs.messages_for_replay(people["carol"].id, 0)
+    assert not history.messages_for_replay(people["carol"].id, 0)
 
 
 def test_rows_for_members_match_single_rows_in_constant_queries(app, people, count_queries):
@@ -358,13 +363,13 @@ def test_rows_for_members_match_single_rows_in_constant_queries(app, people, cou
     group = convs.create_group(people["alice"], "G", [people["bob"].id, people["carol"].id] + extra)
     for i in range(3):
         msgs.send_message(people["alice"], group, f"m{i}")
-    convs.mark_read(people["bob"].id, group)
+    reads.mark_read(people["bob"].id, group)
     msgs.send_message(people["carol"], group, "from carol")
     small_ids = [people["alice"].id, people["bob"].id, people["carol"].id, people["dave"].id]
-    rows = convs.rows_for_members(group.id, small_ids)
+    rows = lists.rows_for_members(group.id, small_ids)
     assert people["dave"].id not in rows  # not a member
     for uid in small_ids[:3]:
-        single = convs.conversation_row(uid, group.id)
+        single = lists.conversation_row(uid, group.id)
         assert (rows[uid].title, rows[uid].unread) == (single.title, single.unread)
     # carol's own send moved her pointer past what she had not read: sending reads the conversation
     assert [rows[u].unread for u in small_ids[:3]] == [1, 1, 0]
@@ -372,40 +377,40 @@ def test_rows_for_members_match_single_rows_in_constant_queries(app, people, cou
     for ids in (small_ids, small_ids + extra):
         counter = count_queries()
         with counter:
-            convs.rows_for_members(group.id, ids)
+            lists.rows_for_members(group.id, ids)
         counts.append(counter.count)
     assert counts[0] == counts[1]
     direct = convs.find_or_create_direct(people["alice"], people["bob"])
     msgs.send_message(people["alice"], direct, "hi")
-    pair = convs.rows_for_members(direct.id, [people["alice"].id, people["bob"].id])
+    pair = lists.rows_for_members(direct.id, [people["alice"].id, people["bob"].id])
     assert (pair[people["alice"].id].title, pair[people["bob"].id].title) == ("Bob", "Alice")
     assert (pair[people["alice"].id].unread, pair[people["bob"].id].unread) == (0, 1)
 
 
 def test_list_pages_follow_each_other_without_overlap(people):
     alice = people["alice"]
-    others = [make_user(f"p{i:03d}") for i in range(convs.LIST_PAGE * 2 + 7)]
+    others = [make_user(f"p{i:03d}") for i in range(lists.LIST_PAGE * 2 + 7)]
     for other in others:
         msgs.send_message(other, convs.find_or_create_direct(alice, other), "hi")
-    everything = [r.id for r in convs.conversation_list(alice.id)]
+    everything = [r.id for r in lists.conversation_list(alice.id)]
     assert len(everything) == len(others)
-    first, cursor = convs.conversation_page(alice.id)
-    second, cursor2 = convs.conversation_page(alice.id, cursor)
-    third, cursor3 = convs.conversation_page(alice.id, cursor2)
-    assert (len(first), len(second), len(third), cursor3) == (convs.LIST_PAGE, convs.LIST_PAGE, 7, None)
+    first, cursor = lists.conversation_page(alice.id)
+    second, cursor2 = lists.conversation_page(alice.id, cursor)
+    third, cursor3 = lists.conversation_page(alice.id, cursor2)
+    assert (len(first), len(second), len(third), cursor3) == (lists.LIST_PAGE, lists.LIST_PAGE, 7, None)
     assert [r.id for r in first + second + third] == everything
     # A conversation further down gets a message while the user scrolls: it moves to the top,
     # so the next page does not show it a second time and nothing else is skipped.
     mover = third[0].conversation
     msgs.send_message(others[[o.id for o in others].index(third[0].peer.id)], mover, "back on top")
-    assert [r.id for r in convs.conversation_page(alice.id, cursor2)[0]] == [r.id for r in third[1:]]
-    assert convs.conversation_page(alice.id)[0][0].id == mover.id
+    assert [r.id for r in lists.conversation_page(alice.id, cursor2)[0]] == [r.id for r in third[1:]]
+    assert lists.conversation_page(alice.id)[0][0].id == mover.id
 
 
 @pytest.mark.parametrize("before", ["", "x", "12-", "-3", "1-0", "99999999999999999999-1", "1-99999999999"])
 def test_bad_list_cursor_is_refused(people, before):
     with pytest.raises(DomainError):
-        convs.conversation_page(people["alice"].id, before)
+        lists.conversation_page(people["alice"].id, before)
 
 
 def test_member_states_are_one_query_with_exact_unread_and_hiding(app, people, count_queries):
@@ -416,7 +421,7 @@ def test_member_states_are_one_query_with_exact_unread_and_hiding(app, people, c
     convs.hide(carol, group, db.session.get(Membership, (group.id, carol.id)))
     counter = count_queries()
     with counter:
-        states = convs.member_states(group.id)
+        states = reads.member_states(group.id)
     assert counter.count == 1
     hidden_through = group.last_message_id
     assert {uid: (s.hidden_through, s.unread) for uid, s in states.items()} == {
@@ -466,11 +471,11 @@ def test_acting_by_id_tells_a_closed_account_from_a_non_member(people, with_imag
     with pytest.raises(NotFound):  # an active user who is not a member
         msgs.send_to(dave.id, direct.id, "not mine", upload() if with_image else None)
     with pytest.raises(NotFound):
-        convs.get_active_membership(dave.id, direct.id)
+        access.get_active_membership(dave.id, direct.id)
     bob.is_disabled = True
     db.session.commit()
     with pytest.raises(AccountClosed):
         msgs.send_to(bob.id, direct.id, "after disabling", image)
     with pytest.raises(AccountClosed):
-        convs.get_active_membership(bob.id, direct.id)
+        access.get_active_membership(bob.id, direct.id)
     assert count(Message, Message.body.in_(["not mine", "after disabling"])) == 0

@@ -9,13 +9,18 @@ from sqlalchemy import create_engine, text
 from werkzeug.datastructures import FileStorage
 
 import webchat
+from webchat import events
+from webchat.events import ConversationRead, ListsStale, decode
 from tests.conftest import image_bytes, make_user
 from tests.support import shown_badge
 from webchat.extensions import db, redis_store
 from webchat.models import Membership, User
-from webchat.realtime.hub import Client, Hub
+from webchat.realtime.hub import Hub
+from webchat.realtime.transport import Client
 from webchat.services import conversations as convs
 from webchat.services import messages as msgs
+from webchat.services import history
+from webchat.services import read_state as reads
 
 
 class FakeSocket:
@@ -78,7 +83,7 @@ def deliver(hub, raw, count_queries) -> int:
     """Plan one event on this hub, send what it planned, and return the statements planning took."""
     counter = count_queries()
     with counter:
-        actions = hub._plan_safely(json.loads(raw))
+        actions = hub._plan_safely(decode(raw))
     for action in actions:
         action()
     return counter.count
@@ -96,8 +101,8 @@ def direct(app, ctx):
 def test_a_message_event_is_pushed_without_a_query(app, direct, count_queries):
     (message, _created), raw = sent(lambda: msgs.send_message(direct["bob_user"], direct["conversation"],
                                                                "hello <b>there</b>"))
-    event = json.loads(raw)
-    assert (event["cid"], event["mid"], sorted(event["members"])) == (
+    event = decode(raw)
+    assert (event.message.conversation_id, event.message.id, sorted(event.member_ids)) == (
         direct["cid"], message.id, sorted([direct["alice"], direct["bob"]]))
 
     elsewhere = new_hub(app)
@@ -129,7 +134,7 @@ def test_a_group_message_gives_each_member_their_badge_in_their_own_language(app
     alice, bob, carol = make_user("alice", name="Alice"), make_user("bob", name="Bob"), make_user("carol")
     group = convs.create_group(alice, "Team", [bob.id, carol.id])
     msgs.send_message(alice, group, "before")
-    convs.mark_read(carol.id, group)  # carol has read it, bob has not
+    reads.mark_read(carol.id, group)  # carol has read it, bob has not
     image = FileStorage(io.BytesIO(image_bytes()), filename="p.png")
     # An image alone: "[Image]" in the row.
     (message, _created), raw = sent(lambda: msgs.send_message(alice, group, "", image))
@@ -182,7 +187,7 @@ def test_group_members_each_get_their_own_badge(app, ctx, count_queries):
     alice, bob, carol, dave = (make_user(n) for n in ("alice", "bob", "carol", "dave"))
     group = convs.create_group(alice, "Team", [bob.id, carol.id, dave.id])
     msgs.send_message(alice, group, "before carol reads")
-    convs.mark_read(carol.id, group)
+    reads.mark_read(carol.id, group)
     (message, _created), raw = sent(lambda: msgs.send_message(alice, group, "to the team"))
     hub = new_hub(app)
     tabs = {u.id: [attach(hub, u.id), attach(hub, u.id)] for u in (alice, bob, carol)}  # dave is elsewhere
@@ -212,18 +217,18 @@ def test_members_viewing_the_group_read_it_at_once_in_one_update(app, ctx, count
     for client in viewers:
         assert shown_badge(client.ws.frames[0], group.id) == ""
     assert shown_badge(elsewhere.ws.frames[0], group.id) == "1"
-    assert convs.unread_counts(bob.id) == {} and convs.unread_counts(dave.id) == {group.id: 1}
+    assert reads.unread_counts(bob.id) == {} and reads.unread_counts(dave.id) == {group.id: 1}
     # Each reader's other tabs hear of it: one read event per member whose pointer moved.
-    reads = set()
+    readers = set()
     deadline = time.monotonic() + 5
-    while len(reads) < 2 and time.monotonic() < deadline:
+    while len(readers) < 2 and time.monotonic() < deadline:
         item = pubsub.get_message(timeout=0.2)
         if item and item["type"] == "message":
-            event = json.loads(item["data"])
-            if event.get("type") == "read":
-                reads.add(event["uid"])
+            event = decode(item["data"])
+            if isinstance(event, ConversationRead):
+                readers.add(event.user_id)
     pubsub.close()
-    assert reads == {bob.id, carol.id}
+    assert readers == {bob.id, carol.id}
 
 
 @pytest.mark.parametrize("locale", ["en", "zh"])
@@ -233,9 +238,9 @@ def test_a_live_frame_is_the_frame_replay_renders(app, ctx, count_queries, local
     group = convs.create_group(alice, "Team", [bob.id, carol.id])
     direct = convs.find_or_create_direct(alice, bob)
     msgs.send_message(alice, group, "before")
-    convs.mark_read(carol.id, group)  # carol and bob have different counts
+    reads.mark_read(carol.id, group)  # carol and bob have different counts
     for conversation in (group, direct):
-        after = msgs.newest_message_id(bob.id)
+        after = history.newest_message_id(bob.id)
         (message, _created), raw = sent(lambda: msgs.send_message(alice, conversation,
                                                                   "see https://example.com <i>now</i>"))
         hub = new_hub(app)
@@ -254,7 +259,6 @@ def test_apps_sharing_a_redis_server_on_other_databases_do_not_hear_each_other(a
     from flask import Flask
 
     from webchat.extensions import RedisClient
-    from webchat.realtime import bus
 
     own = redis_store.client.connection_pool.connection_kwargs.get("db", 0)
     url, other = app.config["REDIS_URL"], (own + 1) % 16
@@ -270,8 +274,8 @@ def test_apps_sharing_a_redis_server_on_other_databases_do_not_hear_each_other(a
     ours = listening()
     try:
         time.sleep(0.1)
-        bus.publish({"type": "ping-test"})
-        assert published_types(ours) == ["ping-test"]
+        events.publish(ListsStale([]))
+        assert published_types(ours) == ["refresh"]
         assert published_types(theirs) == []
     finally:
         ours.close()

@@ -15,7 +15,8 @@ from tests.support import WebServer, cookie_header, csrf_of, free_port, http_log
 from webchat.extensions import db
 from webchat.models import Unread
 from webchat.services import conversations as convs
-from webchat.services import messages as msgs
+from webchat.services import history
+from webchat.services import read_state as reads
 
 pytestmark = pytest.mark.processes
 
@@ -131,7 +132,7 @@ def test_websocket_message_frame_sends(app, servers, chat):
     bob.send(type="message", conversation_id=chat["direct"], body="over the socket", client_id="w1")
     time.sleep(0.5)
     with app.app_context():
-        assert len(msgs.messages_page(chat["direct"])) == 1  # same client_id: no second message
+        assert len(history.messages_page(chat["direct"])) == 1  # same client_id: no second message
     alice.close()
     bob.close()
 
@@ -154,7 +155,7 @@ def test_a_disabled_accounts_frame_is_refused_and_its_socket_closed(app, servers
         opcode, data = bob.ws.recv_data(control_frame=True)
     assert int.from_bytes(data[:2], "big") == 1008
     with app.app_context():
-        assert msgs.messages_page(chat["direct"]) == []
+        assert history.messages_page(chat["direct"]) == []
 
 
 def test_join_marks_arriving_messages_read(app, servers, chat):
@@ -168,7 +169,7 @@ def test_join_marks_arriving_messages_read(app, servers, chat):
     with app.app_context():
         pointer = db.session.get(Unread, (chat["direct"], chat["bob"])).last_read_message_id
         assert pointer == mid
-        assert convs.unread_counts(chat["bob"]) == {}
+        assert reads.unread_counts(chat["bob"]) == {}
     bob.close()
 
 
@@ -336,7 +337,7 @@ def test_redis_outage_send_still_commits_then_live_push_resumes_and_replay_fills
 
 def test_presence_follows_open_sockets_across_processes(app, servers, chat):
     from webchat.extensions import redis_store
-    from webchat.realtime.hub import online_user_ids
+    from webchat.presence import online_user_ids
 
     a, b = servers
     with app.app_context():
@@ -403,7 +404,7 @@ def test_socket_writes_are_whole_frames_even_when_the_peer_reads_slowly():
     import socket as pysocket
     import threading
 
-    from webchat.realtime.hub import WholeWrites
+    from webchat.realtime.transport import WholeWrites
 
     server_end, peer = pysocket.socketpair()
     try:

@@ -16,6 +16,8 @@ from webchat.models import Conversation, Image, Message, RetentionRun, utcnow
 from webchat.services import conversations as convs
 from webchat.services import messages as msgs
 from webchat.services.retention import LOCK_NAME, purge_expired_messages
+from webchat import models
+from webchat.services import read_state as reads
 
 
 @pytest.fixture
@@ -32,12 +34,12 @@ def count(model, *where):
 @given(ages=st.lists(st.floats(min_value=0, max_value=20, allow_nan=False), min_size=1, max_size=25),
        batch=st.integers(min_value=1, max_value=7))
 def test_exactly_the_expired_messages_go(app, ctx, ages, batch):
-    for model in (Message, Image, convs.Unread, convs.Membership, Conversation):
+    for model in (Message, Image, models.Unread, models.Membership, Conversation):
         db.session.execute(model.__table__.delete())
     db.session.commit()
     redis_store.client.delete(LOCK_NAME)
-    alice = db.session.scalar(select(convs.User).where(convs.User.username == "alice")) or make_user("alice")
-    bob = db.session.scalar(select(convs.User).where(convs.User.username == "bob")) or make_user("bob")
+    alice = db.session.scalar(select(models.User).where(models.User.username == "alice")) or make_user("alice")
+    bob = db.session.scalar(select(models.User).where(models.User.username == "bob")) or make_user("bob")
     direct = convs.find_or_create_direct(alice, bob)
     now = utcnow()
     for i, days in enumerate(ages):
@@ -66,7 +68,7 @@ def test_images_go_with_their_messages_and_read_state_stays_consistent(pair):
     result = purge_expired_messages(7)
     assert (result.messages, result.images, result.conversations) == (1, 1, 1)
     assert count(Image) == 1 and db.session.get(Image, new.image_id) is not None
-    assert convs.unread_counts(bob.id) == {direct.id: 1}  # the read pointer counts only what exists
+    assert reads.unread_counts(bob.id) == {direct.id: 1}  # the read pointer counts only what exists
 
 
 def test_last_message_is_fixed_up_when_everything_expires(pair):
@@ -207,9 +209,9 @@ def test_an_interrupted_run_leaves_whole_batches_and_the_next_run_finishes(app, 
     ids = [msgs.send_message(alice, direct, f"old{i}", FileStorage(io.BytesIO(image_bytes()), filename="p.png"))[0].id
            for i in range(5)]
     age(ids, 10)
-    from webchat.services import conversations as conversations_module
+    from webchat.services import retention as retention_module
 
-    real = conversations_module.refresh_last_message
+    real = retention_module.refresh_last_message
     calls = []
 
     def crash_in_second_batch(conversation_ids):
@@ -218,12 +220,12 @@ def test_an_interrupted_run_leaves_whole_batches_and_the_next_run_finishes(app, 
             raise KeyboardInterrupt("worker killed")  # not an Exception: like a kill mid-batch
         return real(conversation_ids)
 
-    monkeypatch.setattr(conversations_module, "refresh_last_message", crash_in_second_batch)
+    monkeypatch.setattr(retention_module, "refresh_last_message", crash_in_second_batch)
     with pytest.raises(KeyboardInterrupt):
         purge_expired_messages(7, batch_size=2)
     # The first batch is gone with its images; the second was rolled back whole.
     assert count(Message) == 3 and count(Image) == 3
     assert all(db.session.get(Image, m.image_id) for m in db.session.scalars(select(Message)))
-    monkeypatch.setattr(conversations_module, "refresh_last_message", real)
+    monkeypatch.setattr(retention_module, "refresh_last_message", real)
     assert purge_expired_messages(7, batch_size=2).messages == 3
     assert count(Message) == 0 and count(Image) == 0

@@ -20,7 +20,10 @@ from webchat.models import Conversation, Membership, Message, Unread, User, utcn
 from webchat.services import NotFound, accounts
 from webchat.services import conversations as convs
 from webchat.services import messages as msgs
+from webchat.services import retention
 from webchat.services.retention import purge_expired_messages
+from webchat.services import conversation_list as lists
+from webchat.services import read_state as reads
 
 
 def counted_the_slow_way() -> dict[tuple[int, int], int]:
@@ -44,15 +47,15 @@ def assert_counters_exact() -> None:
         if n:
             by_user.setdefault(uid, {})[cid] = n
     for uid in {uid for _, uid in expected}:
-        assert convs.unread_counts(uid) == by_user.get(uid, {}), f"user {uid}"
+        assert reads.unread_counts(uid) == by_user.get(uid, {}), f"user {uid}"
         # The list's rows read the same counters in their own query.
-        shown = {row.id: row.unread for row in convs.conversation_list(uid)}
+        shown = {row.id: row.unread for row in lists.conversation_list(uid)}
         assert shown == {cid: by_user.get(uid, {}).get(cid, 0) for cid in shown}, f"list of {uid}"
     for cid in {cid for cid, _ in expected}:
-        states = convs.member_states(cid)
+        states = reads.member_states(cid)
         assert {uid: s.unread for uid, s in states.items()} == {
             uid: n for (c, uid), n in expected.items() if c == cid}, f"conversation {cid}"
-        rows = convs.rows_for_members(cid, list(states))
+        rows = lists.rows_for_members(cid, list(states))
         assert {uid: row.unread for uid, row in rows.items() if row is not None} == {
             uid: n for (c, uid), n in expected.items() if c == cid and rows.get(uid) is not None}
     db.session.rollback()
@@ -80,7 +83,7 @@ def test_counters_match_the_definition_through_every_kind_of_change(app, ctx, se
         if op < 0.6 and present:
             msgs.send_message(rnd.choice(present), conversation, f"m{step}")
         elif op < 0.75 and present:
-            convs.mark_read(rnd.choice(present).id, conversation)
+            reads.mark_read(rnd.choice(present).id, conversation)
         elif op < 0.8 and conversation.is_group:
             outside = [p for p in people if p.id not in {m.id for m in present}
                        and db.session.get(User, p.id) is not None]
@@ -111,8 +114,8 @@ def test_unread_stays_exact_past_a_large_backlog(app, ctx):
     group = convs.create_group(alice, "G", [bob.id, carol.id])
     for i in range(300):
         msgs.send_message(carol if i % 3 == 2 else alice, group, f"m{i}")
-    assert convs.unread_counts(bob.id) == {group.id: 300}
-    assert convs.member_states(group.id)[alice.id].unread == 1  # carol's after alice's last
+    assert reads.unread_counts(bob.id) == {group.id: 300}
+    assert reads.member_states(group.id)[alice.id].unread == 1  # carol's after alice's last
     assert_counters_exact()
 
 
@@ -127,14 +130,14 @@ def test_a_message_that_commits_behind_a_read_pointer_is_counted_as_read(app, ct
     newest = db.session.scalar(select(func.max(Message.id)))
     db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": newest + 100})
     winner, _ = msgs.send_message(alice, group, "committed first")
-    convs.mark_read(bob.id, db.session.get(Conversation, group.id))
+    reads.mark_read(bob.id, db.session.get(Conversation, group.id))
     db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": newest})
     late, _ = msgs.send_message(carol, group, "committed late")
     assert late.id < winner.id
     db.session.expire_all()
     assert db.session.get(Conversation, group.id).last_message_id == winner.id
-    assert convs.unread_counts(bob.id) == {}
-    assert convs.unread_counts(carol.id) == {group.id: 1}  # alice's, after carol's own
+    assert reads.unread_counts(bob.id) == {}
+    assert reads.unread_counts(carol.id) == {group.id: 1}  # alice's, after carol's own
     assert_counters_exact()
     db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": winner.id})
     db.session.commit()
@@ -165,7 +168,7 @@ def test_migration_fills_the_counters_from_existing_messages(app, tmp_path):
         upgrade()
         assert run(sa.text("SELECT text_count FROM conversations")).scalar() == 6
         assert dict(run(sa.text("SELECT user_id, read_count FROM unreads")).all()) == {1: 6, 2: 2}
-        assert convs.unread_counts(2) == {1: 4} and convs.unread_counts(1) == {}
+        assert reads.unread_counts(2) == {1: 4} and reads.unread_counts(1) == {}
         db.session.commit()
         downgrade(revision="25332d6c0752")  # and back: the rows that refer to conversations stay
         assert [run(sa.text(f"SELECT count(*) FROM {table}")).scalar() for table in
@@ -183,12 +186,12 @@ def test_recount_repairs_counters_of_rows_written_around_the_services(app, ctx):
         [{"conversation_id": direct.id, "sender_id": alice.id, "kind": "text", "body": f"bulk {i}",
           "created_at": utcnow()} for i in range(5)]))
     db.session.commit()
-    assert convs.unread_counts(bob.id) == {direct.id: 1}  # the bulk rows are not counted yet
-    convs.recount_unread([other.id])
-    assert convs.unread_counts(bob.id) == {direct.id: 1}  # only the conversations asked for
-    convs.recount_unread([direct.id])
+    assert reads.unread_counts(bob.id) == {direct.id: 1}  # the bulk rows are not counted yet
+    reads.recount_unread([other.id])
+    assert reads.unread_counts(bob.id) == {direct.id: 1}  # only the conversations asked for
+    reads.recount_unread([direct.id])
     db.session.commit()
-    assert convs.unread_counts(bob.id) == {direct.id: 6}
+    assert reads.unread_counts(bob.id) == {direct.id: 6}
     assert_counters_exact()
 
 
@@ -288,14 +291,14 @@ def test_a_read_waits_for_a_send_in_flight_and_counts_its_message(app, pg_group,
     db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": newest})
     db.session.commit()
     # carol's message (a smaller id) is written and held before its commit...
-    paused, release = _pause(monkeypatch, msgs, "_delivery", "late-send")
+    paused, release = _pause(monkeypatch, msgs, "_message_sent", "late-send")
     late = _in_thread(app, "late-send", lambda: msgs.send_message(
         db.session.get(User, carol_id), db.session.get(Conversation, gid), "committed late"))
     assert paused.wait(10)
     # ...when bob reads up to alice's newer one (the hub does this for a viewer of the chat).
-    waited = _read_while_held(app, late, release, lambda: convs.mark_read_for(gid, [bob_id], winner.id, notify=False))
+    waited = _read_while_held(app, late, release, lambda: reads.mark_read_for(gid, [bob_id], winner.id, notify=False))
     assert waited, "the read did not wait for the send in flight"
-    assert convs.unread_counts(bob_id) == {}  # carol's message is behind his pointer: read
+    assert reads.unread_counts(bob_id) == {}  # carol's message is behind his pointer: read
     assert_counters_exact()
     db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": winner.id})
     db.session.commit()
@@ -308,7 +311,7 @@ def test_a_send_in_autocommit_behind_a_newer_message_recounts_and_refreshes_load
     db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": newest + 100})
     winner, _ = msgs.send_to(alice_id, gid, "first in")
     db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": newest})
-    convs.mark_read_for(gid, [bob_id], winner.id, notify=False)  # bob's pointer is past the late id
+    reads.mark_read_for(gid, [bob_id], winner.id, notify=False)  # bob's pointer is past the late id
     db.session.commit()
     bob_state = db.session.get(Unread, (gid, bob_id))  # loaded in this session
     read_before = bob_state.read_count
@@ -325,7 +328,7 @@ def test_a_send_in_autocommit_behind_a_newer_message_recounts_and_refreshes_load
     assert late.id < winner.id and autocommit == [True]
     # carol's message lies behind bob's pointer: he has read it, and his loaded state says so.
     assert bob_state.read_count == read_before + 1
-    assert convs.unread_counts(bob_id) == {}
+    assert reads.unread_counts(bob_id) == {}
     assert_counters_exact()
     db.session.execute(sa.text("SELECT setval('messages_id_seq', :v)"), {"v": winner.id})
     db.session.commit()
@@ -370,15 +373,15 @@ def test_a_read_waits_for_a_retention_batch_in_flight(app, pg_group, monkeypatch
     msgs.send_message(db.session.get(User, alice_id), db.session.get(Conversation, gid), "new")
     age([old.id], 8)
     # The batch has deleted "old" and corrected the counters, and is held before its commit...
-    paused, release = _pause(monkeypatch, convs, "refresh_last_message", "purge")
+    paused, release = _pause(monkeypatch, retention, "refresh_last_message", "purge")
     purge = _in_thread(app, "purge", lambda: purge_expired_messages(7))
     assert paused.wait(10)
     # ...when bob reads the conversation: his count must not include "old" (it is gone).
     waited = _read_while_held(app, purge, release,
-                              lambda: convs.mark_read(bob_id, db.session.get(Conversation, gid), notify=False))
+                              lambda: reads.mark_read(bob_id, db.session.get(Conversation, gid), notify=False))
     assert waited, "the read did not wait for the retention batch in flight"
     msgs.send_message(db.session.get(User, alice_id), db.session.get(Conversation, gid), "after")
-    assert convs.unread_counts(bob_id) == {gid: 1}
+    assert reads.unread_counts(bob_id) == {gid: 1}
     assert_counters_exact()
 
 
@@ -407,7 +410,7 @@ def test_creating_a_group_inserts_its_members_read_state_in_one_statement(app, c
         group = convs.create_group(owner, "Big", others)
     inserts = [s for s in counter.statements if s.lstrip().upper().startswith("INSERT INTO UNREADS")]
     assert len(inserts) == 1, len(inserts)  # nothing to count in a new group: plain values, one executemany
-    assert convs.member_states(group.id)[others[0]].unread == 0
+    assert reads.member_states(group.id)[others[0]].unread == 0
 
 
 def test_adding_members_to_a_group_with_history_inserts_them_in_one_statement(app, ctx, count_queries):
@@ -423,8 +426,8 @@ def test_adding_members_to_a_group_with_history_inserts_them_in_one_statement(ap
     recounts = [s for s in counter.statements if s.lstrip().upper().startswith("UPDATE UNREADS")]
     # plain values in one executemany, then one statement counts what they have read (the history)
     assert (len(inserts), len(recounts)) == (1, 1), counter.statements
-    states = convs.member_states(group.id)
+    states = reads.member_states(group.id)
     assert [states[uid].unread for uid in newcomers] == [0] * len(newcomers)
     msgs.send_message(owner, group, "welcome")
-    assert convs.member_states(group.id)[newcomers[0]].unread == 1
+    assert reads.member_states(group.id)[newcomers[0]].unread == 1
     assert_counters_exact()

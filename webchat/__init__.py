@@ -7,6 +7,7 @@ import secrets
 import time
 
 from flask import Flask, current_app, jsonify, redirect, render_template, request, session, url_for
+from flask_babel import get_locale
 from flask_babel import gettext as _
 from flask_login import current_user
 from flask_wtf.csrf import CSRFError
@@ -17,9 +18,22 @@ from sqlalchemy.pool import Pool
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from .admin import bp as admin_bp
+from .auth import bp as auth_bp
+from .chat import bp as chat_bp
+from .cli import register_cli
 from .config import Config
 from .embedded import embedded_redis_url, sqlite_url
 from .extensions import babel, csrf, db, limiter, login_manager, migrate, redis_store, sock
+from .health import bp as health_bp
+from .models import User
+from .realtime import bp as realtime_bp
+from .realtime.hub import hub
+from .services import DomainError
+from .services.accounts import check_session, mark_seen
+from .services.message_text import system_text
+from .templating import register_filters
+from .web import end_browser_session, error_fragment, is_htmx, signed_in_user_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,11 +51,7 @@ def create_app(config: Config | dict | None = None) -> Flask:
     _register_blueprints(app)
     _register_errors(app)
     _register_request_hooks(app)
-    from .cli import register_cli
-    from .templating import register_filters
-
     register_filters(app)
-
     register_cli(app)
     return app
 
@@ -141,9 +151,6 @@ def _select_locale() -> str:
 
 
 def _init_extensions(app: Flask) -> None:
-    from .models import User
-    from .realtime.hub import hub
-
     db.init_app(app)
     migrate.init_app(app, db, directory=os.path.join(ROOT, "migrations"))
     csrf.init_app(app)
@@ -173,63 +180,7 @@ def _init_extensions(app: Flask) -> None:
         return redirect(url_for("auth.login", next=request.full_path.rstrip("?")), 303)
 
 
-def signed_in_user_id() -> int | None:
-    """The signed-in user's id from the session cookie, without reading the user's row.
-
-    Only for routes whose service checks the account itself (a send checks the sender is an
-    active member in its own statement); anything else uses Flask-Login's current_user.
-    """
-    user_id = session.get("_user_id")  # where Flask-Login keeps it
-    return int(user_id) if isinstance(user_id, str) and user_id.isdigit() else None
-
-
-def end_browser_session() -> None:
-    """Sign this browser out: the session emptied, and its "keep me signed in" cookie deleted.
-
-    Flask-Login deletes the remember cookie when the session says so ("_remember": "clear");
-    emptying the session after logout_user() wiped that word, and the cookie signed the browser
-    straight back in.
-    """
-    from flask_login import logout_user
-
-    logout_user()
-    session.clear()
-    session["_remember"] = "clear"
-
-
-def is_htmx() -> bool:
-    """Say whether this request came from htmx and wants a fragment."""
-    return request.headers.get("HX-Request") == "true"
-
-
-def refusal(exc, page=None):
-    """Answer a refused request: the message in #flash for htmx, else `page(error=...)` or the error page."""
-    from flask import Response
-
-    from .services import DomainError
-
-    if is_htmx():
-        response = Response(render_template("errors/_error.html", status=exc.status, message=exc.message),
-                            status=exc.status)
-        # htmx swaps 4xx answers (see base.html); put the message where the user will see it.
-        response.headers["HX-Retarget"] = "#flash"
-        response.headers["HX-Reswap"] = "innerHTML"
-        return response
-    if page is not None and exc.status != 404:
-        try:
-            return page(error=exc.message), exc.status
-        except DomainError:  # the page itself is gone (a 404 behind the refusal)
-            pass
-    return render_template("errors/error.html", status=exc.status, message=exc.message), exc.status
-
-
 def _register_blueprints(app: Flask) -> None:
-    from .admin import bp as admin_bp
-    from .auth import bp as auth_bp
-    from .chat import bp as chat_bp
-    from .health import bp as health_bp
-    from .realtime import bp as realtime_bp
-
     app.register_blueprint(auth_bp)
     app.register_blueprint(chat_bp)
     app.register_blueprint(admin_bp, url_prefix="/admin")
@@ -242,16 +193,12 @@ def _register_errors(app: Flask) -> None:
         if request.path.startswith("/healthz"):
             return jsonify({"status": "error", "message": message}), status
         if is_htmx():
-            # htmx swaps 4xx answers (see base.html); put the message where the user will see it.
-            headers = {"HX-Retarget": "#flash", "HX-Reswap": "innerHTML"}
-            return render_template("errors/_error.html", status=status, message=message), status, headers
+            return error_fragment(status, message)
         return render_template("errors/error.html", status=status, message=message), status
 
     @app.errorhandler(CSRFError)
     def csrf_error(exc: CSRFError):
         return render_error(400, _("Your form expired or was not sent by this site. Reload the page and try again."))
-
-    from .services import DomainError
 
     @app.errorhandler(DomainError)
     def domain_error(exc: DomainError):
@@ -278,8 +225,6 @@ def _register_errors(app: Flask) -> None:
 
 
 def _register_request_hooks(app: Flask) -> None:
-    from .services.messages import system_text
-
     @app.before_request
     def refuse_nul_bytes():
         # No field of ours may hold NUL, and PostgreSQL refuses it in text: say 400, not 500.
@@ -299,8 +244,6 @@ def _register_request_hooks(app: Flask) -> None:
         # needs only the user's id (sending) never reads it.
         if request.endpoint == "static":
             return
-        from .services.accounts import check_session, mark_seen
-
         user_id = signed_in_user_id()
         if user_id is None:
             return
@@ -314,8 +257,6 @@ def _register_request_hooks(app: Flask) -> None:
 
     @app.context_processor
     def template_helpers():
-        from flask_babel import get_locale
-
         return {"is_htmx": is_htmx(), "current_locale": str(get_locale())}
 
     # A global, not a context value: the macros in chat/_macros.html are imported without context.

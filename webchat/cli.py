@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import click
-from flask import Flask
+from flask import Flask, current_app
+from sqlalchemy import select
 
 from .extensions import db
-from .services import DomainError
+from .models import Conversation
+from .services import DomainError, transaction
+from .services.accounts import hash_password, register_user
+from .services.conversations import create_group, find_or_create_direct
+from .services.messages import send_message
+from .services.people import find_user_by_username
+from .services.read_state import recount_unread as recount
+from .services.retention import purge_expired_messages
 
 
 def register_cli(app: Flask) -> None:
@@ -14,8 +22,6 @@ def register_cli(app: Flask) -> None:
     @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
     def create_admin(username: str, password: str) -> None:
         """Create an admin account, or make an existing account an admin."""
-        from .services.accounts import find_user_by_username, hash_password, register_user
-
         user = find_user_by_username(username)
         try:
             if user is None:
@@ -35,10 +41,6 @@ def register_cli(app: Flask) -> None:
     @app.cli.command("seed-demo")
     def seed_demo() -> None:
         """Add demo users (password 'password123') and a few conversations."""
-        from .services.accounts import find_user_by_username, register_user
-        from .services.conversations import create_group, find_or_create_direct
-        from .services.messages import send_message
-
         people = [("alice", "Alice"), ("bob", "Bob"), ("carol", "Carol"), ("dave", "Dave")]
         users = []
         for username, name in people:
@@ -49,10 +51,6 @@ def register_cli(app: Flask) -> None:
         if direct.last_message_id is None:
             send_message(alice, direct, "Hi Bob! Welcome to webchat.")
             send_message(bob, direct, "Hi Alice 👋")
-        from sqlalchemy import select
-
-        from .models import Conversation
-
         exists = db.session.scalar(select(Conversation.id).where(
             Conversation.is_group.is_(True), Conversation.name == "Demo group", Conversation.owner_id == alice.id))
         if exists is None:
@@ -64,10 +62,6 @@ def register_cli(app: Flask) -> None:
     @click.option("--days", type=int, default=None, help="Delete messages older than this many days.")
     def purge_messages(days: int | None) -> None:
         """Run the retention purge now and print what it deleted."""
-        from flask import current_app
-
-        from .services.retention import purge_expired_messages
-
         days = current_app.config["RETENTION_DAYS"] if days is None else days
         if days < 1:
             raise click.BadParameter("must be 1 or more", param_hint="--days")
@@ -80,9 +74,6 @@ def register_cli(app: Flask) -> None:
     @app.cli.command("recount-unread")
     def recount_unread() -> None:
         """Rebuild every unread counter from the messages (after loading messages around the app)."""
-        from .services import transaction
-        from .services.conversations import recount_unread as recount
-
         with transaction():
             recount()
         click.echo("Unread counters rebuilt from the messages.")

@@ -71,6 +71,9 @@ class Config:
         self.RETENTION_DAYS = _int("RETENTION_DAYS", 7)
         self.RETENTION_CRON = env.get("RETENTION_CRON", "0 * * * *")
         self.RETENTION_BATCH = _int("RETENTION_BATCH", 1000)
+        # On PostgreSQL, a send is one call of webchat_send() (migration 0003) and a retention batch
+        # one statement; 0 runs the portable Python paths there too (tests/test_twins.py compares them).
+        self.SQL_FAST_PATHS = env.get("SQL_FAST_PATHS", "1") != "0"
         self.RQ_QUEUE = env.get("RQ_QUEUE", "webchat")
 
         self.BABEL_DEFAULT_LOCALE = env.get("BABEL_DEFAULT_LOCALE", "en")

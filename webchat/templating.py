@@ -5,6 +5,7 @@ import re
 from datetime import datetime, timezone
 
 from flask import Flask
+from flask_babel import format_decimal, ngettext
 from markupsafe import Markup, escape
 
 URL_RE = re.compile(r"\bhttps?://[^\s<>\"'`]+", re.IGNORECASE)
@@ -45,8 +46,6 @@ def iso(value: datetime | None) -> str:
 
 def file_size(size: int | None) -> str:
     """A byte count for people, in the page's language (Jinja's filesizeformat says "Bytes" in every one)."""
-    from flask_babel import format_decimal, ngettext
-
     size = int(size or 0)
     if size < 1000:
         return ngettext("%(num)d byte", "%(num)d bytes", size)

@@ -5,9 +5,9 @@ from flask import abort, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 from flask_login import current_user, login_required
 
-from .. import refusal
 from ..services import DomainError
 from ..services import admin as service
+from ..web import refusal
 from . import bp
 from .forms import AdminFlagForm, SearchForm
 

@@ -1,16 +1,16 @@
 """Account views: thin wrappers around services.accounts."""
 from __future__ import annotations
 
+import secrets
 from urllib.parse import urlsplit
 
 from flask import current_app, flash, redirect, render_template, request, session, url_for
 from flask_babel import gettext as _
 from flask_login import current_user, login_required, login_user
 
-from .. import end_browser_session
 from ..extensions import limiter
-from ..services import AccountClosed, DomainError
-from ..services import accounts
+from ..services import AccountClosed, DomainError, accounts
+from ..web import end_browser_session
 from . import bp
 from .forms import DeleteAccountForm, LoginForm, ProfileForm, RegisterForm
 
@@ -26,8 +26,6 @@ def _safe_next(target: str | None) -> str:
 
 
 def _start_session(user, remember: bool = False) -> None:
-    import secrets
-
     login_user(user, remember=remember)
     session["sid"] = secrets.token_urlsafe(12)
 

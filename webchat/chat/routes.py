@@ -4,14 +4,17 @@ from __future__ import annotations
 from flask import Response, abort, current_app, make_response, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 
-from .. import is_htmx, refusal, signed_in_user_id
-from ..extensions import login_manager, redis_store
+from ..extensions import login_manager
 from ..models import User
-from ..realtime.hub import online_user_ids
-from ..services import AccountClosed, DomainError, ImageRefused
+from ..services import AccountClosed, DomainError, ImageRefused, people
+from ..services import conversation_list as lists
 from ..services import conversations as convs
+from ..services import history
 from ..services import messages as msgs
 from ..services.images import image_for
+from ..services.membership import get_conversation_for
+from ..services.read_state import mark_read
+from ..web import is_htmx, refusal, signed_in_user_id
 from . import bp
 
 
@@ -25,7 +28,7 @@ def _me() -> User:
 
 
 def _index_page(error: str | None = None, results=None, q: str = "", before: str | None = None):
-    rows, next_cursor = convs.conversation_page(current_user.id, before)
+    rows, next_cursor = lists.conversation_page(current_user.id, before)
     return render_template("chat/index.html", rows=rows, next_cursor=next_cursor, error=error, results=results,
                            q=q, newest_id=max((r.conversation.last_message_id or 0 for r in rows), default=0),
                            total_unread=sum(r.unread for r in rows))
@@ -39,9 +42,9 @@ def index():
     before = request.args.get("before")
     try:
         if before is not None and is_htmx():
-            rows, next_cursor = convs.conversation_page(current_user.id, before)
+            rows, next_cursor = lists.conversation_page(current_user.id, before)
             return render_template("chat/_conversation_rows.html", rows=rows, next_cursor=next_cursor)
-        results = convs.search_users(q, current_user.id) if q else None
+        results = people.search_users(q, current_user.id) if q else None
         return _index_page(results=results, q=q, before=before)
     except DomainError as exc:
         return _fail(exc, _index_page)
@@ -53,7 +56,7 @@ def conversations():
     """Return the first page of the conversation list for htmx (the chat page loads it so)."""
     if not is_htmx():
         return _index_page()
-    rows, next_cursor = convs.conversation_page(current_user.id)
+    rows, next_cursor = lists.conversation_page(current_user.id)
     return render_template("chat/_conversation_list.html", rows=rows, next_cursor=next_cursor)
 
 
@@ -62,7 +65,7 @@ def conversations():
 def search_users():
     """List users matching a username or nickname."""
     q = request.args.get("q", "")
-    users = convs.search_users(q, current_user.id)
+    users = people.search_users(q, current_user.id)
     if is_htmx():
         return render_template("chat/_user_results.html", users=users, q=q, pick=request.args.get("pick") == "1")
     return _index_page(results=users, q=q)
@@ -77,8 +80,8 @@ def new_group():
 
 def _new_group_page(error: str | None = None, q: str = "", name: str = "", picked=()):
     """The new-group form: one's 1:1 contacts, the search's people, and (after a refusal) what was filled in."""
-    people, picked_ids = convs.group_form_people(current_user.id, q, picked)
-    return render_template("chat/new_group.html", people=people, q=q, error=error, name=name, picked=picked_ids)
+    offered, picked_ids = people.group_form_people(current_user.id, q, picked)
+    return render_template("chat/new_group.html", people=offered, q=q, error=error, name=name, picked=picked_ids)
 
 
 @bp.post("/conversations")
@@ -104,35 +107,20 @@ def create_conversation():
     return redirect(target, 303)
 
 
-def _head_context(conversation) -> dict:
-    """What the chat page's header shows: the members, who of them is online, the peer of a 1:1."""
-    members = convs.members_of(conversation.id)
-    online = online_user_ids(redis_store.client, [u.id for _m, u in members if u.id != current_user.id])
-    peer = next((u for _m, u in members if u.id != current_user.id), None) if not conversation.is_group else None
-    return {"conversation": conversation, "members": members, "online": online, "peer": peer,
-            "is_owner": conversation.owner_id == current_user.id}
-
-
 def _chat_head(cid):
     """The header alone, for an open page after a group change: no messages, nothing marked read."""
-    conversation, _membership = convs.get_conversation_for(current_user.id, cid)
-    return render_template("chat/_chat_head.html", **_head_context(conversation))
+    conversation, _membership = get_conversation_for(current_user.id, cid)
+    return render_template("chat/_chat_head.html", **vars(convs.chat_header(current_user.id, conversation)))
 
 
 def _chat_page(cid, error: str | None = None, before=None):
-    user_id = current_user.id
-    conversation, membership = convs.get_conversation_for(user_id, cid, with_unread=True)
-    # The page's socket asks for what came after this id. Read before the messages: one that
-    # commits in between is then newer, or within replay's lookback, never skipped.
-    newest_id = msgs.newest_message_id(user_id)
-    convs.mark_read(user_id, conversation, unread=membership.unread)
-    messages = msgs.messages_page(conversation.id, before=before)
+    view = convs.open_conversation(current_user.id, cid, before)
     # The list is not here: the page fetches it with a request of its own (chat.conversations),
     # which keeps opening a conversation as fast at 500 conversations as at 5.
     return render_template(
-        "chat/conversation.html", membership=membership, messages=messages, error=error,
-        has_older=len(messages) == msgs.PAGE_SIZE, newest_id=newest_id,
-        retention_days=current_app.config["RETENTION_DAYS"], **_head_context(conversation),
+        "chat/conversation.html", membership=view.membership, messages=view.messages, error=error,
+        has_older=view.has_older, newest_id=view.newest_id, retention_days=current_app.config["RETENTION_DAYS"],
+        **vars(view.header),
     )
 
 
@@ -153,15 +141,15 @@ def conversation(cid: int):
 def older_messages(cid: int):
     """Return up to 50 messages older than `before`."""
     try:
-        conversation, _m = convs.get_conversation_for(current_user.id, cid)
+        conversation, _m = get_conversation_for(current_user.id, cid)
         before = request.args.get("before")
         if not is_htmx():
             return _chat_page(cid, before=before)
-        messages = msgs.messages_page(conversation.id, before=before)
+        messages = history.messages_page(conversation.id, before=before)
     except DomainError as exc:
         return _fail(exc)
     return render_template("chat/_older.html", conversation=conversation, messages=messages,
-                           has_older=len(messages) == msgs.PAGE_SIZE)
+                           has_older=len(messages) == history.PAGE_SIZE)
 
 
 @bp.post("/conversations/<int:cid>/messages")
@@ -194,7 +182,7 @@ def send(cid: int):
 def _owner_action(cid: int, action):
     """Run a membership action on a conversation the user belongs to, then go back to it."""
     try:
-        conversation, membership = convs.get_conversation_for(current_user.id, cid)
+        conversation, membership = get_conversation_for(current_user.id, cid)
         target = action(conversation, membership) or url_for("chat.conversation", cid=cid)
     except DomainError as exc:
         return _fail(exc, lambda **kw: _chat_page(cid, **kw))
@@ -208,7 +196,7 @@ def _owner_action(cid: int, action):
 def read(cid: int):
     """Mark every message of the conversation read for this user."""
     def do(conversation, _membership):
-        convs.mark_read(current_user.id, conversation)
+        mark_read(current_user.id, conversation)
 
     return _owner_action(cid, do)
 
@@ -240,7 +228,7 @@ def leave(cid: int):
 def add_members(cid: int):
     """Add members to a group (owner)."""
     def do(conversation, _membership):
-        ids = request.form.getlist("member_ids") + convs.ids_for_usernames(request.form.get("usernames", ""))
+        ids = request.form.getlist("member_ids") + people.ids_for_usernames(request.form.get("usernames", ""))
         convs.add_members(_me(), conversation, ids)
 
     return _owner_action(cid, do)

@@ -1,4 +1,4 @@
-"""Real time: the /ws endpoint, the per-process hub and the Redis bus."""
+"""Real time: the /ws endpoint (routes), the per-process hub and listener, rendering events to frames."""
 from flask import Blueprint
 
 bp = Blueprint("realtime", __name__)

@@ -11,10 +11,13 @@ from flask_login import current_user
 
 from ..extensions import db, sock
 from ..services import MAX_ID, AccountClosed, DomainError
-from ..services import conversations as convs
 from ..services import messages as msgs
+from ..services.conversations import announce_typing
+from ..services.membership import get_active_membership
+from ..services.read_state import mark_read
 from . import bp
-from .hub import Client, hub
+from .hub import hub
+from .transport import Client
 
 
 def _origin_allowed(origin: str) -> bool:
@@ -73,13 +76,13 @@ def handle_frame(client: Client, raw) -> str | None:
                          frame.get("client_id"))
             return None
         # The member's user comes with the membership check: one query.
-        conversation, membership = convs.get_active_membership(client.user_id, frame.get("conversation_id"))
+        conversation, membership = get_active_membership(client.user_id, frame.get("conversation_id"))
         user = membership.user
         if kind == "join":
             client.joined = conversation.id
-            convs.mark_read(user.id, conversation)
+            mark_read(user.id, conversation)
         else:
-            convs.announce_typing(user, conversation)
+            announce_typing(user, conversation)
     except AccountClosed:
         # Disabled or deleted since the socket opened (its close event may have been lost).
         client.close(1008, "account closed")

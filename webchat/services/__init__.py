@@ -1,5 +1,14 @@
-"""The domain layer: called by HTTP views, WebSocket frames, jobs and the CLI alike."""
+"""The domain layer: called by HTTP views, WebSocket frames, jobs and the CLI alike.
+
+Services know nothing of requests, sockets or blueprints: they raise DomainError for the caller
+to turn into an answer, and emit events (webchat.events) that go out after their commit.
+"""
 from contextlib import contextmanager
+
+from flask import current_app
+from sqlalchemy.orm.attributes import set_committed_value
+
+from ..extensions import db
 
 
 class DomainError(Exception):
@@ -36,36 +45,12 @@ class AccountClosed(DomainError):
     status = 401
 
 
-@contextmanager
-def as_active_member(user_id: int):
-    """Run a member's action; a refusal because the account itself is closed becomes AccountClosed.
-
-    NotFound stays the answer for a non-member. Paths that act on a user id without loading the
-    user (a send, a socket frame) learn this way that the account is gone, even when the event
-    that should have closed its sockets was lost. The account is looked up only on a refusal.
-    """
-    try:
-        yield
-    except NotFound:
-        from flask_babel import lazy_gettext as _l
-
-        from .accounts import is_active
-
-        if not is_active(user_id):
-            raise AccountClosed(_l("Please sign in.")) from None
-        raise
-
-
 def sync_loaded(model, pk, values: dict) -> None:
     """Give a row's new column values to its object if this session has it loaded.
 
     Sessions do not expire objects on commit, and an UPDATE statement does not reliably
     refresh loaded objects: a view that renders after an UPDATE must not show the old values.
     """
-    from sqlalchemy.orm.attributes import set_committed_value
-
-    from ..extensions import db
-
     obj = db.session.identity_map.get(db.session.identity_key(model, pk))
     if obj is not None:
         for key, value in values.items():
@@ -90,11 +75,18 @@ def parse_id(raw, not_found: str = "Not found.", max_value: int = MAX_ROW_ID) ->
 @contextmanager
 def transaction():
     """Commit what the block wrote, or roll all of it back (and re-raise) if anything fails."""
-    from ..extensions import db
-
     try:
         yield
         db.session.commit()
     except BaseException:
         db.session.rollback()
         raise
+
+
+def sql_fast_paths() -> bool:
+    """Say whether this database runs the PostgreSQL-only fast paths (the send's function, retention's batch).
+
+    Each has a portable twin in Python, used on SQLite and when SQL_FAST_PATHS is off; a test
+    runs both on the same histories and compares every row (tests/test_twins.py).
+    """
+    return db.session.get_bind().dialect.name == "postgresql" and current_app.config["SQL_FAST_PATHS"]

@@ -3,16 +3,21 @@ from __future__ import annotations
 
 import re
 
+import redis
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from flask_babel import lazy_gettext as _l
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ..extensions import db
+from ..events import ListsStale, SessionClosed, UserClosed, emit, publish
+from ..extensions import db, redis_store
 from ..models import Conversation, Image, Membership, Message, User, utcnow
 from . import AccountClosed, DomainError, sync_loaded, transaction
+from .conversations import delete_conversation_rows, refresh_last_message
 from .images import has_file, store_upload
+from .people import find_user_by_username
+from .read_state import forget_texts
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
 _hasher = PasswordHasher()
@@ -32,17 +37,6 @@ def verify_password(user: User | None, password: str) -> bool:
         return _hasher.verify(user.password_hash if user else _DUMMY_HASH, password) and user is not None
     except (VerificationError, InvalidHashError):
         return False
-
-
-def is_active(user_id: int) -> bool:
-    """Say whether this account still exists and is not disabled."""
-    user = db.session.get(User, user_id)
-    return user is not None and not user.is_disabled
-
-
-def find_user_by_username(username: str) -> User | None:
-    """Return the user with this username, whatever its case."""
-    return db.session.scalar(select(User).where(func.lower(User.username) == username.strip().lower()))
 
 
 def check_new_username(username: str) -> str:
@@ -126,10 +120,9 @@ def delete_user(user: User) -> list[int]:
     """Delete a user with their 1:1 conversations and all their messages; return affected user ids.
 
     Groups they own pass to the longest-standing other member, or are deleted when empty.
-    Does not commit: callers wrap it in their transaction.
+    Does not commit: callers wrap it in their transaction. Its sockets close and the lists of
+    those who knew them reload once that transaction commits.
     """
-    from .conversations import delete_conversation_rows, forget_texts, refresh_last_message
-
     affected: set[int] = set()
     direct_ids = db.session.scalars(
         select(Conversation.id)
@@ -183,6 +176,8 @@ def delete_user(user: User) -> list[int]:
     if touched:
         refresh_last_message(db.session.scalars(select(Conversation.id).where(Conversation.id.in_(touched))).all())
     affected.discard(user.id)
+    emit(UserClosed(user.id))
+    emit(ListsStale(sorted(affected)))
     return sorted(affected)
 
 
@@ -190,12 +185,8 @@ def delete_account(user: User, password: str) -> None:
     """Delete the signed-in user's account after checking their password."""
     if not verify_password(user, password):
         raise DomainError(_l("That password is not right."), 403)
-    uid = user.id
     with transaction():
-        affected = delete_user(user)
-    from ..realtime import bus
-
-    bus.user_removed(uid, affected)
+        delete_user(user)
 
 
 REVOKED_TTL = 31 * 86400
@@ -203,16 +194,11 @@ REVOKED_TTL = 31 * 86400
 
 def revoke_session(sid: str) -> None:
     """Sign a session out everywhere: close its sockets, and refuse its cookie for a month."""
-    import redis
-
-    from ..extensions import redis_store
-    from ..realtime import bus
-
     try:
         redis_store.client.setex(f"webchat:revoked:{sid}", REVOKED_TTL, 1)
     except (redis.RedisError, OSError):
         pass  # the socket close event and the cleared cookie still sign the browser out
-    bus.close_session(sid)
+    publish(SessionClosed(sid))  # nothing written to the database: no commit to wait for
 
 
 SEEN_EVERY = 300  # seconds: "last seen" is written at most once per user per 5 minutes
@@ -221,10 +207,6 @@ SEEN_EVERY = 300  # seconds: "last seen" is written at most once per user per 5 
 def check_session(sid: str | None, user_id: int) -> tuple[bool, bool]:
     """For a signed-in request, one Redis round trip: was this session signed out, and is the
     user's "last seen" due to be written? Without Redis: neither (the cookie still works)."""
-    import redis
-
-    from ..extensions import redis_store
-
     try:
         pipe = redis_store.client.pipeline(transaction=False)
         if sid:
@@ -238,10 +220,6 @@ def check_session(sid: str | None, user_id: int) -> tuple[bool, bool]:
 
 def _seen_window_starts(user_id: int) -> None:
     """Note in Redis that "last seen" was just written (signing in writes it)."""
-    import redis
-
-    from ..extensions import redis_store
-
     try:
         redis_store.client.set(f"webchat:seen:{user_id}", 1, ex=SEEN_EVERY)
     except (redis.RedisError, OSError):

@@ -13,18 +13,22 @@ import redis
 from croniter import CroniterError, croniter
 from flask import current_app
 from flask_babel import lazy_gettext as _l
+from rq import Queue, Worker
 from sqlalchemy import func, or_, select
 
+from ..events import UserClosed, emit
 from ..extensions import db, redis_store
 from ..models import AuditLog, Conversation, Image, Membership, Message, RetentionRun, User, utcnow
-from ..realtime.hub import online_user_ids
-from . import DomainError, NotFound, transaction
-from . import accounts, conversations, retention
+from ..presence import online_user_ids
+from . import DomainError, NotFound, accounts, conversations, retention, transaction
+from .membership import members_of
+from .people import like_pattern
 
 log = logging.getLogger(__name__)
 PER_PAGE = 25
 AUDIT_ON_DASHBOARD = 20
 USER_CONVERSATIONS_SHOWN = 50
+PURGE_JOB = "webchat.jobs.purge_expired_messages_job"  # jobs.purge_expired_messages_job
 
 
 # -- small value types ------------------------------------------------------------------------
@@ -145,8 +149,6 @@ def next_retention_run(cron: str, now: datetime | None = None) -> datetime | Non
 
 def queue_status(queue_name: str) -> QueueStatus:
     """Return how many jobs wait and failed on the RQ queue, and how many workers serve it."""
-    from rq import Queue, Worker
-
     try:
         queue = Queue(queue_name, connection=redis_store.client)
         return QueueStatus(queue_name, True, queue.count, queue.failed_job_registry.count,
@@ -209,12 +211,12 @@ def recent_audit(limit: int = AUDIT_ON_DASHBOARD) -> list[AuditLog]:
 
 def run_retention_now(actor: User):
     """Queue a retention purge now and record who asked; return the RQ job."""
-    from ..jobs import enqueue_purge
-
     _audit(actor, "run_retention", f"retention ({current_app.config['RETENTION_DAYS']} days)")
     db.session.commit()
     try:
-        return enqueue_purge("admin")
+        # By name: the worker imports webchat.jobs, the app never does.
+        queue = Queue(current_app.config["RQ_QUEUE"], connection=redis_store.client)
+        return queue.enqueue(PURGE_JOB, None, "admin", job_timeout=3600)
     except (redis.RedisError, OSError) as exc:
         log.warning("could not queue the purge: %s", exc)
         raise DomainError(_l("The job queue is unavailable right now. Try again later."), 503)
@@ -236,10 +238,6 @@ def _conversation_label(summary: ConversationSummary) -> str:
 
 
 # -- users ------------------------------------------------------------------------------------
-
-def _like(query: str) -> str:
-    return "%" + query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-
 
 def _page_number(page, total: int, per_page: int) -> int:
     try:
@@ -263,7 +261,7 @@ def search_users(query: str = "", page=1, per_page: int = PER_PAGE) -> Page:
     base = select(User)
     query = (query or "").strip()
     if query:
-        pattern = _like(query)
+        pattern = like_pattern(query)
         base = base.where(or_(func.lower(User.username).like(pattern, escape="\\"),
                               func.lower(User.name).like(pattern, escape="\\")))
     users, page, total = _fetch_page(base.order_by(func.lower(User.username)), page, per_page)
@@ -336,10 +334,8 @@ def set_disabled(actor: User, uid, disabled: bool) -> User:
             _check_not_last_admin(actor, user)
         user.is_disabled = disabled
         _audit(actor, "disable_user" if disabled else "enable_user", _user_label(user))
-    if disabled:
-        from ..realtime import bus
-
-        bus.close_user(user.id, 1008)
+        if disabled:
+            emit(UserClosed(user.id, 1008))
     return user
 
 
@@ -360,15 +356,10 @@ def set_admin(actor: User, uid, grant: bool) -> User:
 def delete_user(actor: User, uid) -> list[int]:
     """Delete a user like account deletion does; return the ids of users who knew them."""
     user = get_user(uid)
-    user_id = user.id
-
     with transaction():
         _check_not_last_admin(actor, user)
         _audit(actor, "delete_user", _user_label(user))
-        affected = accounts.delete_user(user)
-    from ..realtime import bus
-
-    bus.user_removed(user_id, affected)
+        affected = accounts.delete_user(user)  # its sockets close after the commit
     return affected
 
 
@@ -404,7 +395,7 @@ def search_conversations(query: str = "", page=1, per_page: int = PER_PAGE) -> P
     base = select(Conversation)
     query = (query or "").strip()
     if query:
-        pattern = _like(query)
+        pattern = like_pattern(query)
         with_member = (select(Membership.conversation_id).join(User, User.id == Membership.user_id)
                        .where(or_(func.lower(User.username).like(pattern, escape="\\"),
                                   func.lower(User.name).like(pattern, escape="\\"))))
@@ -434,7 +425,7 @@ def conversation_details(cid) -> ConversationDetails:
         select(func.count(), func.coalesce(func.sum(Image.size), 0)).select_from(Image)
         .where(Image.conversation_id == conversation.id)
     ).one()
-    return ConversationDetails(_summaries([conversation])[0], conversations.members_of(conversation.id),
+    return ConversationDetails(_summaries([conversation])[0], members_of(conversation.id),
                                images, int(image_bytes or 0))
 
 

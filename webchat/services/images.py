@@ -9,10 +9,11 @@ from flask import current_app
 from flask_babel import lazy_gettext as _l
 from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
+from sqlalchemy import select
 
 from ..extensions import db
-from ..models import Image, new_image_id
-from . import ImageRefused
+from ..models import Image, Membership, new_image_id
+from . import ImageRefused, NotFound
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "GIF", "WEBP"}
 FULL_SIZE = 2048
@@ -108,11 +109,6 @@ class ServedImage:
 
 def image_for(user_id: int, image_id: str, variant: str = "full") -> ServedImage:
     """Return an image's bytes if this user may see it (members only for conversation images), else 404."""
-    from sqlalchemy import select
-
-    from ..models import Membership
-    from . import NotFound
-
     if variant not in ("full", "thumb"):
         raise NotFound(_l("No such image."))
     row = db.session.execute(

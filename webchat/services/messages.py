@@ -1,49 +1,31 @@
-"""Messages: sending (check, then do, then publish), pages of history and replay."""
+"""Sending a message: check, write (one call on PostgreSQL), then the event after commit.
+
+The write has two implementations with one result type (SendResult): webchat_send() in
+migration 0003 on PostgreSQL, and the same steps as Core statements elsewhere. They must agree
+row for row; tests/test_twins.py runs both on the same random histories and compares them.
+"""
 from __future__ import annotations
 
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime
 
-from flask_babel import force_locale
-from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
-from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
+from sqlalchemy import bindparam, case, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import joinedload, make_transient_to_detached
+from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
+from ..events import ConversationView, MessageSent, MessageView, Person, RecipientState, emit
 from ..extensions import db
-from ..models import Conversation, Membership, Message, Unread, User, UTCDateTime, utcnow
-from . import MAX_ID, DomainError, NotFound, as_active_member, parse_id, sync_loaded
-from .conversations import MemberState, get_conversation_for, member_states, recount_read_from
+from ..models import Conversation, Message, Unread, User, UTCDateTime, utcnow
+from . import DomainError, NotFound, parse_id, sql_fast_paths, sync_loaded
 from .images import has_file, store_upload
+from .membership import as_active_member, get_conversation_for
+from .message_text import preview_of
+from .read_state import MemberState, member_states, recount_read_from
 
 MAX_BODY = 4000
 MAX_CLIENT_ID = 64
-PAGE_SIZE = 50
-# A message can commit after one with a larger id (ids are taken at insert, not at commit);
-# replay looks back this far before the client's newest id so a late committer is not lost.
-REPLAY_LOOKBACK = timedelta(seconds=30)
-
-
-def system_text(message: Message) -> str:
-    """Return the human text of a system line in the current locale."""
-    actor = message.sender.name if message.sender else _("Someone")
-    texts = {
-        "created": _("%(actor)s created the group “%(name)s”", actor=actor, name=message.body),
-        "added": _("%(actor)s added %(names)s", actor=actor, names=message.body),
-        "removed": _("%(actor)s removed %(name)s", actor=actor, name=message.body),
-        "left": _("%(name)s left the group", name=message.body or actor),
-        "renamed": _("%(actor)s renamed the group to “%(name)s”", actor=actor, name=message.body),
-    }
-    return texts.get(message.event or "", message.body)
-
-
-def preview_of(message: Message) -> str:
-    """Return the list-row preview of a message (stored, so in the server's default locale)."""
-    if message.kind == "system":
-        with force_locale("en"):
-            return system_text(message)[:200]
-    return " ".join(message.body.split())[:200]
 
 
 def check_message(body: str | None, image, client_id: str | None) -> tuple[str, str | None]:
@@ -63,30 +45,21 @@ def check_message(body: str | None, image, client_id: str | None) -> tuple[str, 
     return body, client_id
 
 
-def _existing(sender_id: int, conversation_id: int, client_id: str) -> Message | None:
-    return db.session.scalar(select(Message).where(
-        Message.sender_id == sender_id, Message.conversation_id == conversation_id, Message.client_id == client_id))
+@dataclass(frozen=True)
+class SendResult:
+    """What a send's write returns, whichever path ran (the columns of webchat_send()'s row)."""
 
-
-def _delivery(message: Message, target: dict, states: dict[int, MemberState]) -> dict:
-    """Return everything every process needs to push a new message, read once by the send.
-
-    The message's fields, the conversation's list-row fields and each member's state (hidden
-    position and exact unread count; for a 1:1 also name and avatar, since each row shows the
-    other person) travel in the event. A listener then renders and writes without a query, and
-    a process holding none of the members does nothing at all.
-    """
-    people = [] if target["is_group"] else [[uid, s.name, s.avatar_id] for uid, s in states.items()]
-    return {
-        "type": "message", "cid": message.conversation_id, "mid": message.id, "members": list(states),
-        "states": [[uid, s.hidden_through, s.unread] for uid, s in states.items()], "people": people,
-        "m": {"sender_id": message.sender_id, "sender_name": target["sender_name"],
-              "sender_avatar": target["sender_avatar"], "body": message.body, "image_id": message.image_id,
-              "created_at": message.created_at.isoformat()},
-        "c": {"is_group": target["is_group"], "name": target["name"], "image_id": target["image_id"],
-              "created_at": target["created_at"].isoformat(), "text": preview_of(message),
-              "image": bool(message.image_id) and not message.body},
-    }
+    id: int
+    moved_last: bool  # it became the conversation's last message
+    moved_read: bool  # the sender's read pointer moved to it
+    text_count: int  # the conversation's text messages now
+    is_group: bool
+    name: str | None
+    image_id: str | None
+    created_at: datetime  # the conversation's
+    sender_name: str
+    sender_avatar: str | None
+    states: dict[int, MemberState]  # every member, read after the conversation's row was locked
 
 
 _messages, _conversations, _unreads = Message.__table__, Conversation.__table__, Unread.__table__
@@ -95,13 +68,12 @@ _MESSAGE_COLUMNS = ("conversation_id", "sender_id", "kind", "body", "image_id", 
 
 
 def _moves(new_id, counted, conversation_id=bindparam("p_conversation_id")):
-    """The two updates of a send on SQLite, for a message id and its conversation.
+    """The two updates of a send's Python path, for a message id and its conversation.
 
     The conversation counts one more text message and moves its last message, unless a
     message with a larger id committed first (two senders racing): ids never go backwards. It
     returns its new text_count and whether the message became the newest ("moved"). The
     sender's pointer moves to the message, and their read_count becomes `counted`.
-    PostgreSQL runs the same steps in webchat_send() (migration 0003).
     """
     newer = or_(_conversations.c.last_message_id.is_(None), _conversations.c.last_message_id < new_id)
 
@@ -152,36 +124,31 @@ def send_connection():
     return db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
 
 
-def _write(values: dict, sender: User | None,
-           conversation: Conversation | None) -> tuple[int, bool, bool, dict, dict[int, MemberState]]:
-    """Write a message, count it, and move the conversation's last message and the sender's pointer.
+def _write_in_function(values: dict) -> SendResult:
+    """Write the message with one call of webchat_send(), which also checks membership."""
+    row = send_connection().execute(SEND_CALL, values).one_or_none()
+    if row is None:
+        raise NotFound(_l("No such conversation."))
+    if not row.moved_last:
+        # The function recounted the pointers past this message: loaded ones are stale. By
+        # identity key: reading an expired object's attributes would query (and may fail).
+        cid = values["p_conversation_id"]
+        for key, obj in list(db.session.identity_map.items()):
+            if key[0] is Unread and key[1][0] == cid:
+                db.session.expire(obj)
+    states = {uid: MemberState(hidden, unread, name, avatar) for uid, hidden, unread, name, avatar in row.states}
+    return SendResult(**{**row._asdict(), "states": states})
 
-    Returns the new id, whether each update moved, the conversation's new text_count and its
-    and the sender's fields for the push, and every member's state (exact unread count) read
-    after the conversation's row was locked. Core statements (or the function) on the session's
-    connection, without the ORM's unit of work: this is every send's cost. On PostgreSQL the
-    membership check is part of the function; elsewhere the caller passes the checked sender
-    and conversation.
-    """
+
+def _write_in_python(values: dict, sender: User | None, conversation: Conversation | None) -> SendResult:
+    """Write the message as webchat_send() does, statement by statement (SQLite, or SQL_FAST_PATHS off)."""
     cid = values["p_conversation_id"]
-    if db.session.get_bind().dialect.name == "postgresql":
-        row = send_connection().execute(SEND_CALL, values).one_or_none()
-        if row is None:
-            raise NotFound(_l("No such conversation."))
-        if not row.moved_last:
-            # The function recounted the pointers past this message: loaded ones are stale. By
-            # identity key: reading an expired object's attributes would query (and may fail).
-            for key, obj in list(db.session.identity_map.items()):
-                if key[0] is Unread and key[1][0] == cid:
-                    db.session.expire(obj)
-        states = {uid: MemberState(hidden, unread, name, avatar) for uid, hidden, unread, name, avatar in row.states}
-        return row.id, row.moved_last, row.moved_read, row._asdict(), states
-    conn = db.session.connection()
     if sender is None or conversation is None:
         conversation, membership = get_conversation_for(values["p_sender_id"], cid, with_user=True)
         sender = membership.user
     if sender.is_disabled:
         raise NotFound(_l("No such conversation."))
+    conn = db.session.connection()
     mid = conn.execute(_INSERT, values).scalar_one()
     values = {**values, "p_mid": mid}
     _, text_count, moved_last = conn.execute(_MOVE_LAST, values).one()
@@ -190,11 +157,9 @@ def _write(values: dict, sender: User | None,
         # A message with a larger id committed first: pointers already past this one (the
         # sender's too) count it now.
         recount_read_from(cid, mid)
-    target = {
-        "text_count": text_count, "is_group": conversation.is_group, "name": conversation.name,
-        "image_id": conversation.image_id, "created_at": conversation.created_at, "sender_name": sender.name,
-        "sender_avatar": sender.avatar_id}
-    return mid, bool(moved_last), bool(moved_read), target, member_states(cid)
+    return SendResult(mid, bool(moved_last), bool(moved_read), text_count, conversation.is_group, conversation.name,
+                      conversation.image_id, conversation.created_at, sender.name, sender.avatar_id,
+                      member_states(cid))
 
 
 def send_message(sender: User, conversation: Conversation, body: str | None, image=None,
@@ -221,14 +186,33 @@ def send_to(user_id: int, conversation_id, body: str | None, image=None,
         return _send(user_id, cid, body, image, client_id)
 
 
+def _message_sent(message: Message, result: SendResult) -> MessageSent:
+    """The event of a new message: everything every process needs to push it, read once by the send.
+
+    A 1:1's two members travel with their names and avatars (each row shows the other person).
+    A listener then renders and writes without a query, and a process holding none of the
+    members does nothing at all.
+    """
+    created_at = message.created_at
+    view = MessageView(message.id, message.conversation_id, message.sender_id,
+                       Person(message.sender_id, result.sender_name, result.sender_avatar), message.body,
+                       message.image_id, created_at)
+    conversation = ConversationView(message.conversation_id, result.is_group, result.name, result.image_id,
+                                    result.created_at, message.id, created_at, preview_of(message),
+                                    bool(message.image_id) and not message.body)
+    members = [RecipientState(uid, s.hidden_through, s.unread) for uid, s in result.states.items()]
+    people = [] if result.is_group else [Person(uid, s.name, s.avatar_id) for uid, s in result.states.items()]
+    return MessageSent(view, conversation, members, people)
+
+
 def _send(sender_id: int, conversation_id: int, body: str | None, image, client_id: str | None, *,
           sender: User | None = None, conversation: Conversation | None = None) -> tuple[Message, bool]:
     """Send a text and/or image message; return it and whether it is new.
 
     Writes a constant number of rows whatever the group size: the message (and its image),
-    the conversation's last-message columns and the sender's own read pointer. Then one query
-    reads what the push needs (every member's unread count), so listeners need none. A repeated
-    client_id is caught by the unique constraint, so the usual send does not look first.
+    the conversation's last-message columns and the sender's own read pointer, and reads every
+    member's unread count for the event. A repeated client_id is caught by the unique
+    constraint, so the usual send does not look first.
     """
     body, client_id = check_message(body, image, client_id)
     try:
@@ -239,20 +223,21 @@ def _send(sender_id: int, conversation_id: int, body: str | None, image, client_
         message = Message(conversation_id=conversation_id, sender_id=sender_id, kind="text", event=None, body=body,
                           image_id=image_row.id if image_row else None, client_id=client_id, created_at=utcnow())
         preview, image_only = preview_of(message), bool(image_row) and not body
-        message.id, moved_last, moved_read, target, states = _write({
-            "p_conversation_id": conversation_id, "p_sender_id": sender_id, "p_kind": "text", "p_body": body,
-            "p_image_id": message.image_id, "p_client_id": client_id, "p_created_at": message.created_at,
-            "p_text": preview, "p_image_only": image_only}, sender, conversation)
-        sync_loaded(Conversation, conversation_id, {"text_count": target["text_count"]})
-        if moved_last:
+        values = {"p_conversation_id": conversation_id, "p_sender_id": sender_id, "p_kind": "text", "p_body": body,
+                  "p_image_id": message.image_id, "p_client_id": client_id, "p_created_at": message.created_at,
+                  "p_text": preview, "p_image_only": image_only}
+        result = _write_in_function(values) if sql_fast_paths() else _write_in_python(values, sender, conversation)
+        message.id = result.id
+        sync_loaded(Conversation, conversation_id, {"text_count": result.text_count})
+        if result.moved_last:
             sync_loaded(Conversation, conversation_id, {
                 "last_message_id": message.id, "last_message_text": preview, "last_message_image": image_only,
                 "last_message_at": message.created_at})
-            if moved_read:
+            if result.moved_read:
                 sync_loaded(Unread, (conversation_id, sender_id), {
                     "last_read_message_id": message.id, "read_at": message.created_at,
-                    "read_count": target["text_count"]})
-        event = _delivery(message, target, states)
+                    "read_count": result.text_count})
+        emit(_message_sent(message, result))
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
@@ -267,65 +252,20 @@ def _send(sender_id: int, conversation_id: int, body: str | None, image, client_
     # Written without the ORM: hand the session the row as it is in the database (no reload).
     make_transient_to_detached(message)
     db.session.add(message)
-    # The fragment shows the sender's name and avatar, which the statement returned: no read of
-    # the user's row for them (its other columns load if anything asks).
-    sender = sender or db.session.identity_map.get(db.session.identity_key(User, sender_id))
-    if sender is None:
-        sender = User(id=sender_id, name=target["sender_name"], avatar_id=target["sender_avatar"])
-        make_transient_to_detached(sender)
-        db.session.add(sender)
-    set_committed_value(message, "sender", sender)
-    from ..realtime import bus
-
-    bus.publish(event)
+    set_committed_value(message, "sender", _known_sender(sender, sender_id, result))
     return message, True
 
 
-def messages_page(conversation_id: int, before=None, limit: int = PAGE_SIZE) -> list[Message]:
-    """Return up to `limit` messages older than `before` (or the newest), oldest first."""
-    query = (
-        select(Message).options(joinedload(Message.sender))
-        .where(Message.conversation_id == conversation_id)
-        .order_by(Message.id.desc()).limit(limit)
-    )
-    if before is not None:
-        try:
-            before_id = int(before)
-        except (TypeError, ValueError, OverflowError):
-            raise DomainError(_l("'before' must be a message of this conversation."), 400)
-        if not 0 < before_id <= MAX_ID:
-            raise NotFound(_l("'before' must be a message of this conversation."))
-        exists = db.session.scalar(select(Message.id).where(
-            Message.id == before_id, Message.conversation_id == conversation_id))
-        if exists is None:
-            raise NotFound(_l("'before' must be a message of this conversation."))
-        query = query.where(Message.id < before_id)
-    return list(reversed(db.session.scalars(query).all()))
+def _known_sender(sender: User | None, sender_id: int, result: SendResult) -> User:
+    """The sender for the reply's fragment, without reading their row: the write returned name and avatar."""
+    sender = sender or db.session.identity_map.get(db.session.identity_key(User, sender_id))
+    if sender is None:
+        sender = User(id=sender_id, name=result.sender_name, avatar_id=result.sender_avatar)
+        make_transient_to_detached(sender)
+        db.session.add(sender)
+    return sender
 
 
-def messages_for_replay(user_id: int, after: int, limit: int = 500, lookback: bool = True) -> list[Message]:
-    """Return messages newer than `after` in the user's conversations, oldest first.
-
-    Also returns messages a little older than `after` that were created within the lookback
-    window of it: they may have committed after the client saw `after`. Clients skip ids they have.
-    """
-    anchor = db.session.scalar(select(Message.created_at).where(Message.id == after)) if after and lookback else None
-    newer = Message.id > after
-    if anchor is not None:
-        newer = or_(newer, and_(Message.id < after, Message.created_at >= anchor - REPLAY_LOOKBACK))
-    return list(db.session.scalars(
-        select(Message).options(joinedload(Message.sender))
-        .join(Membership, and_(Membership.conversation_id == Message.conversation_id,
-                               Membership.user_id == user_id))
-        .where(newer)
-        .order_by(Message.id).limit(limit)
-    ).all())
-
-
-def newest_message_id(user_id: int) -> int:
-    """Return the largest message id in the user's conversations (0 if none)."""
-    return db.session.scalar(
-        select(func.coalesce(func.max(Conversation.last_message_id), 0))
-        .join(Membership, Membership.conversation_id == Conversation.id)
-        .where(Membership.user_id == user_id)
-    ) or 0
+def _existing(sender_id: int, conversation_id: int, client_id: str) -> Message | None:
+    return db.session.scalar(select(Message).where(
+        Message.sender_id == sender_id, Message.conversation_id == conversation_id, Message.client_id == client_id))

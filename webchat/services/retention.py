@@ -12,7 +12,9 @@ from sqlalchemy import delete, select, text
 
 from ..extensions import db, redis_store
 from ..models import Conversation, Image, Message, RetentionRun, utcnow
-from .conversations import forget_texts
+from . import sql_fast_paths
+from .conversations import refresh_last_message
+from .read_state import forget_texts
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "webchat:retention:lock"
@@ -58,8 +60,6 @@ def purge_expired_messages(days: int, batch_size: int | None = None, trigger: st
                 db.session.rollback()
                 break
             deleted, images, conversation_ids, stale = batch
-            from .conversations import refresh_last_message
-
             refresh_last_message(stale)
             db.session.commit()
             result.messages += deleted
@@ -99,7 +99,7 @@ _PG_BATCH = text("""
         RETURNING m.id, m.conversation_id, m.image_id, m.kind, m.sender_id
     ), images_gone AS (
         DELETE FROM images i USING gone WHERE i.id = gone.image_id RETURNING i.id
-    ), texts_gone AS (  -- the unread counters, as conversations.forget_texts keeps them
+    ), texts_gone AS (  -- the unread counters, as read_state.forget_texts keeps them (tests/test_twins.py)
         UPDATE conversations c SET text_count = c.text_count - g.n
         FROM (SELECT conversation_id, count(*) AS n FROM gone WHERE kind = 'text' GROUP BY conversation_id) g
         WHERE c.id = g.conversation_id RETURNING c.id
@@ -135,7 +135,7 @@ def _delete_batch(cutoff, batch_size: int):
     Returns (messages, images, conversation ids, conversation ids whose last message went),
     or None when nothing is left to delete.
     """
-    if db.engine.dialect.name == "postgresql":
+    if sql_fast_paths():
         db.session.execute(_PG_LOCK, {"cutoff": cutoff, "batch": batch_size})
         row = db.session.execute(_PG_BATCH, {"cutoff": cutoff, "batch": batch_size}).one()
         if not row.messages:
