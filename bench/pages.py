@@ -27,10 +27,9 @@ def _seed_viewer(n_conversations: int, n_messages: int, busy_messages: int, grou
     """Give a new viewer n conversations (1:1 and groups) holding n_messages; return ids (in app context)."""
     from webchat.extensions import db
     from webchat.models import User
-    from webchat.services import conversations as convs
     from webchat.services.conversations import create_group, find_or_create_direct
 
-    from .seed import create_users
+    from .seed import create_users, recount_unread_of_app
 
     n_groups = n_conversations // group_every
     n_directs = n_conversations - n_groups
@@ -66,8 +65,9 @@ def _seed_viewer(n_conversations: int, n_messages: int, busy_messages: int, grou
     """), {"cids": cids})
     # Everything unread for the viewer (the counters are then recounted from the messages).
     db.session.execute(text("UPDATE unreads SET last_read_message_id = 0 WHERE user_id = :u"), {"u": viewer.id})
-    if hasattr(convs, "recount_unread"):  # the app keeps unread counters (since 2026-11-27)
-        convs.recount_unread(cids)
+    recount = recount_unread_of_app()
+    if recount is not None:  # the app keeps unread counters (since 2026-11-27)
+        recount(cids)
     db.session.commit()
     return {"username": viewer.username, "busy_cid": cids[0], "group_cid": cids[-1] if n_groups else cids[0],
             "conversations": len(cids), "messages": n_messages}

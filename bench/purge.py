@@ -29,7 +29,8 @@ from .stats import PgActivitySampler, TreeSampler, fmt_cpu, fmt_latency, latency
 def insert_expired(app, world, count: int, recent_per_conversation: int) -> dict:
     """Insert `count` messages older than 30 days (and a few recent ones); return timings."""
     from webchat.extensions import db
-    from webchat.services import conversations as app_conversations
+
+    from .seed import recount_unread_of_app
 
     convs = world.directs + world.groups
     cids = [c.cid for c in convs]
@@ -58,8 +59,9 @@ def insert_expired(app, world, count: int, recent_per_conversation: int) -> dict
                   FROM messages ORDER BY conversation_id, id DESC) m
             WHERE m.conversation_id = c.id
         """))
-        if hasattr(app_conversations, "recount_unread"):  # unread counters (since 2026-11-27)
-            app_conversations.recount_unread()  # the messages went in around the services
+        recount = recount_unread_of_app()
+        if recount is not None:  # unread counters (since 2026-11-27)
+            recount()  # the messages went in around the services
         db.session.commit()
         timings["insert_s"] = time.monotonic() - started
         started = time.monotonic()

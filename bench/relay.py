@@ -72,7 +72,12 @@ def _webchat_send(cid: int, uid: int, text: str, client_id: str | None) -> None:
     from datetime import datetime, timezone
     from types import SimpleNamespace
 
-    from webchat.services.messages import SEND_CALL, preview_of
+    from webchat.services.messages import SEND_CALL
+
+    try:
+        from webchat.services.message_text import preview_of  # since issue 17
+    except ImportError:
+        from webchat.services.messages import preview_of
 
     # In autocommit, as webchat's send: the function is its own transaction (one round trip).
     with _engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:

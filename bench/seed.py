@@ -7,6 +7,21 @@ from dataclasses import dataclass, field
 PASSWORD = "bench-password"
 
 
+def recount_unread_of_app():
+    """The app's recount_unread (services.read_state since issue 17, services.conversations before),
+    or None for versions of the app without unread counters."""
+    import importlib
+
+    for name in ("webchat.services.read_state", "webchat.services.conversations"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "recount_unread"):
+            return module.recount_unread
+    return None
+
+
 @dataclass
 class Conv:
     cid: int  # the conversation id (webchat) or an index (relay)
@@ -122,7 +137,6 @@ def put_backlog(cid: int, sender_id: int, n: int) -> None:
     from sqlalchemy import text
 
     from webchat.extensions import db
-    from webchat.services import conversations as convs
 
     db.session.execute(text("""
         INSERT INTO messages (conversation_id, sender_id, kind, body, created_at)
@@ -136,8 +150,9 @@ def put_backlog(cid: int, sender_id: int, n: int) -> None:
         UPDATE unreads SET last_read_message_id = (SELECT last_message_id FROM conversations WHERE id = :cid)
         WHERE conversation_id = :cid AND user_id = :sender
     """), {"cid": cid, "sender": sender_id})
-    if hasattr(convs, "recount_unread"):  # the app keeps unread counters (since 2026-11-27)
-        convs.recount_unread([cid])
+    recount = recount_unread_of_app()
+    if recount is not None:  # the app keeps unread counters (since 2026-11-27)
+        recount([cid])
 
 
 def add_backlog(app, world: Topology, per_group: int) -> None:
