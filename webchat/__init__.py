@@ -18,6 +18,7 @@ from sqlalchemy.pool import Pool
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from . import security
 from .admin import bp as admin_bp
 from .auth import bp as auth_bp
 from .chat import bp as chat_bp
@@ -51,6 +52,7 @@ def create_app(config: Config | dict | None = None) -> Flask:
     _register_blueprints(app)
     _register_errors(app)
     _register_request_hooks(app)
+    security.init_app(app)
     register_filters(app)
     register_cli(app)
     return app
@@ -263,10 +265,7 @@ def _register_request_hooks(app: Flask) -> None:
     app.jinja_env.globals["system_text"] = system_text
 
     @app.after_request
-    def security_headers(response):
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        response.headers.setdefault("X-Frame-Options", "DENY")
+    def remember_language(response):
         if request.args.get("lang") in app.config["LANGUAGES"]:
             response.set_cookie("lang", request.args["lang"], max_age=365 * 86400, samesite="Lax", httponly=True)
         return response
