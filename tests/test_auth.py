@@ -1,13 +1,19 @@
 """Accounts: register, sign in and out, profile, deletion, CSRF and rate limits."""
+import logging
+import re
+
 import pytest
 from sqlalchemy import select
 
 from tests.conftest import login_client, make_user
-from webchat.extensions import db
+from webchat.extensions import db, redis_store
 from webchat.models import User
 
 
-def register(client, username="erin", password="password123", name="Erin"):
+STRONG = "correct-horse-battery"  # passes the password rules ("password123" is a common one)
+
+
+def register(client, username="erin", password=STRONG, name="Erin"):
     return client.post("/auth/register", data={"username": username, "password": password, "name": name})
 
 
@@ -23,7 +29,7 @@ def test_password_is_hashed_with_argon2(app, client):
     with app.app_context():
         user = db.session.scalar(select(User).where(User.username == "erin"))
         assert user.password_hash.startswith("$argon2id$")
-        assert "password123" not in user.password_hash
+        assert STRONG not in user.password_hash
 
 
 def test_nickname_defaults_to_username(app, client):
@@ -33,12 +39,12 @@ def test_nickname_defaults_to_username(app, client):
 
 
 @pytest.mark.parametrize("username, password, message", [
-    ("ab", "password123", "between 3 and 32"),
-    ("x" * 33, "password123", "between 3 and 32"),
-    ("bad name", "password123", "Only letters"),
-    ("<script>", "password123", "Only letters"),
-    ("", "password123", "required"),
-    ("frank", "short", "8 to 1024"),
+    ("ab", STRONG, "between 3 and 32"),
+    ("x" * 33, STRONG, "between 3 and 32"),
+    ("bad name", STRONG, "Only letters"),
+    ("<script>", STRONG, "Only letters"),
+    ("", STRONG, "required"),
+    ("frank", "short", "8 to 128"),
     ("frank", "", "required"),
 ])
 def test_register_validation(client, username, password, message):
@@ -132,7 +138,8 @@ def test_fragments_need_sign_in_with_401(client):
     assert client.get("/users/search?q=a", headers={"HX-Request": "true"}).status_code == 401
 
 
-@pytest.mark.parametrize("path", ["/auth/register", "/auth/login", "/auth/logout", "/account/delete", "/profile"])
+@pytest.mark.parametrize("path", ["/auth/register", "/auth/login", "/auth/logout", "/account/delete", "/profile",
+                                  "/profile/password", "/profile/sessions/revoke-others"])
 def test_csrf_is_required(client, users, auth, path):
     auth.login()
     response = client.post(path, data={"username": "zed", "password": "password123"}, csrf=False)
@@ -231,3 +238,135 @@ def test_login_is_rate_limited(app, users):
         limiter.enabled = False
     assert codes[0] == 401
     assert codes[-1] == 429
+
+
+# -- limits: per address, per account, and registration ------------------------------------------
+
+@pytest.fixture
+def limited_app(app):
+    """Make an app like the test one with rate limits on (settings: LIMITED_SETTINGS); dispose after."""
+    from webchat import create_app
+    from webchat.config import TestConfig
+    from webchat.extensions import limiter
+
+    made = []
+
+    def make(**settings):
+        config = TestConfig()
+        config.RATELIMIT_ENABLED = True
+        config.SQLALCHEMY_DATABASE_URI = app.config["SQLALCHEMY_DATABASE_URI"]
+        for key, value in settings.items():
+            setattr(config, key, value)
+        limited = create_app(config)
+        limited.test_client_class = type(app.test_client())
+        made.append(limited)
+        return limited
+
+    yield make
+    limiter.enabled = False  # the limiter is one object shared by every app of the test run
+    for limited in made:
+        with limited.app_context():
+            db.engine.dispose()
+
+
+def attempt(client, password, address=None, username="alice"):
+    headers = {"X-Forwarded-For": address} if address else {}
+    return client.post("/auth/login", data={"username": username, "password": password}, headers=headers)
+
+
+def test_an_account_is_limited_whatever_address_the_guesses_claim(limited_app, users):
+    client = limited_app(PROXY_FIX=1).test_client()
+    codes = [attempt(client, "wrong-password", f"203.0.113.{i}").status_code for i in range(5)]
+    assert codes == [401] * 5
+    refused = attempt(client, "wrong-password", "203.0.113.99")
+    assert refused.status_code == 429
+    assert "Too many failed sign-ins for this account." in refused.get_data(as_text=True)
+    seconds = int(re.search(r"Try again in (\d+) seconds", refused.get_data(as_text=True)).group(1))
+    assert 0 < seconds <= 15 and int(refused.headers["Retry-After"]) >= seconds
+    # While it waits, even the right password is refused: nothing is learnt from the answer.
+    assert attempt(client, "password123", "198.51.100.7").status_code == 429
+    # Other accounts are not affected; the same account in other letters' case is.
+    assert attempt(client, "password123", "198.51.100.8", username="bob").status_code == 303
+    assert attempt(client, "wrong-password", "198.51.100.9", username="ALICE").status_code == 429
+
+
+def test_an_unknown_username_is_limited_like_a_real_one(limited_app, users):
+    client = limited_app(PROXY_FIX=1).test_client()
+    codes = [attempt(client, "wrong-password", f"203.0.113.{i}", username="nobody").status_code for i in range(6)]
+    assert codes == [401] * 5 + [429]
+
+
+def test_the_delay_doubles_with_each_attempt_after_the_free_ones(app, limited_app, users):
+    client = limited_app(PROXY_FIX=1, LOGIN_DELAY_BASE=10).test_client()
+    waits = []
+    for round_ in range(3):
+        for i in range(5 if round_ == 0 else 1):
+            assert attempt(client, "wrong-password", f"203.0.113.{i}").status_code == 401
+        page = attempt(client, "wrong-password", "203.0.113.50").get_data(as_text=True)
+        waits.append(int(re.search(r"Try again in (\d+) seconds", page).group(1)))
+        with app.app_context():  # the delay passes
+            redis_store.client.hset("webchat:signin:alice", "next", 0)
+    assert [9 <= waits[0] <= 10, 19 <= waits[1] <= 20, 39 <= waits[2] <= 40] == [True] * 3, waits
+
+
+def test_a_successful_sign_in_resets_the_count(limited_app, users):
+    client = limited_app(PROXY_FIX=1).test_client()
+    for i in range(4):
+        assert attempt(client, "wrong-password", f"203.0.113.{i}").status_code == 401
+    assert attempt(client, "password123", "203.0.113.10").status_code == 303
+    other = type(client)(client.application)
+    assert [attempt(other, "wrong-password", f"203.0.113.{i}").status_code for i in range(6)] == [401] * 5 + [429]
+
+
+def test_without_redis_sign_in_is_refused_not_unlimited(limited_app, users, caplog, monkeypatch):
+    # The migrations' logging setup (conftest runs them) disabled the loggers that existed before it.
+    monkeypatch.setattr(logging.getLogger("webchat.services.accounts"), "disabled", False)
+    client = limited_app(RATELIMIT_ENABLED=False, REDIS_URL="redis://127.0.0.1:9/0").test_client()
+    assert client.get("/auth/login").status_code == 200  # the page itself still works
+    response = attempt(client, "password123")
+    assert response.status_code == 503
+    assert "Signing in is unavailable for a moment." in response.get_data(as_text=True)
+    assert any("cannot reach Redis" in r.getMessage() for r in caplog.records)
+
+
+def test_sign_in_is_refused_when_the_per_address_limit_cannot_be_checked(limited_app, users, caplog):
+    client = limited_app(RATELIMIT_STORAGE_URI="redis://127.0.0.1:9/0").test_client()
+    response = attempt(client, "password123")
+    assert response.status_code == 503
+    assert "Signing in is unavailable for a moment." in response.get_data(as_text=True)
+    assert any("per-address limit" in r.getMessage() for r in caplog.records)
+    # Other routes keep working while the limiter's storage is away.
+    assert client.get("/auth/login").status_code == 200
+    assert client.get("/").status_code == 303
+
+
+def test_registration_is_limited_per_address(limited_app):
+    limited = limited_app()
+    codes = [register(limited.test_client(), username=f"new{i}").status_code for i in range(6)]
+    assert codes == [303] * 5 + [429]
+    with limited.app_context():
+        assert db.session.scalar(select(User.id).where(User.username == "new5")) is None
+
+
+def test_refused_registrations_do_not_use_up_the_limit(limited_app, users):
+    limited = limited_app()
+    for _ in range(6):
+        assert register(limited.test_client(), username="alice").status_code == 422  # taken
+    assert register(limited.test_client(), username="fresh").status_code == 303
+
+
+def test_a_129_character_password_is_refused_everywhere(client, users):
+    long = "x" * 129
+    response = register(client, password=long)
+    assert response.status_code == 422 and "Passwords need 8 to 128 characters." in response.get_data(as_text=True)
+    response = client.post("/auth/login", data={"username": "alice", "password": long})
+    assert response.status_code == 422 and "Passwords are at most 128 characters." in response.get_data(as_text=True)
+    assert register(client, username="maxlen", password="y" * 120 + "-Zq7!wp9").status_code == 303  # 128 is fine
+
+
+def test_registration_is_refused_when_its_limit_cannot_be_checked(limited_app):
+    client = limited_app(RATELIMIT_STORAGE_URI="redis://127.0.0.1:9/0").test_client()
+    response = register(client)
+    assert response.status_code == 503
+    assert "Creating accounts is unavailable for a moment." in response.get_data(as_text=True)
+    assert client.get("/auth/register").status_code == 200

@@ -1,4 +1,5 @@
 """flask create-admin and flask seed-demo."""
+import pytest
 from sqlalchemy import func, select
 
 from webchat.extensions import db
@@ -16,7 +17,7 @@ def test_create_admin_makes_a_new_admin_who_can_sign_in(app, client):
 
 
 def test_create_admin_promotes_an_existing_user(app, users):
-    result = app.test_cli_runner().invoke(args=["create-admin", "bob", "--password", "new-password"])
+    result = app.test_cli_runner().invoke(args=["create-admin", "bob"])
     assert result.exit_code == 0 and "now an admin" in result.output
     with app.app_context():
         assert db.session.get(User, users["bob"]).is_admin
@@ -63,3 +64,52 @@ def test_recount_unread_rebuilds_the_counters_of_messages_loaded_around_the_app(
     assert result.exit_code == 0, result.output
     with app.app_context():
         assert reads.unread_counts(users["bob"]) == {direct.id: 3}
+
+
+def test_create_admin_on_an_existing_user_keeps_their_password(app, users):
+    client = app.test_client()
+    bob = client.post("/auth/login", data={"username": "bob", "password": "password123"})
+    assert bob.status_code == 303
+    result = app.test_cli_runner().invoke(args=["create-admin", "bob"])  # no prompt, no --password
+    assert result.exit_code == 0, result.output
+    assert "now an admin" in result.output and "password is unchanged" in result.output
+    with app.app_context():
+        assert db.session.get(User, users["bob"]).is_admin
+    assert client.get("/admin/").status_code == 200  # the session bob had goes on
+    other = app.test_client()
+    assert other.post("/auth/login", data={"username": "bob", "password": "password123"}).status_code == 303
+
+
+def test_create_admin_ignores_a_password_without_reset_password(app, users):
+    result = app.test_cli_runner().invoke(args=["create-admin", "bob", "--password", "brand-new-secret"])
+    assert result.exit_code == 0 and "--reset-password" in result.output
+    client = app.test_client()
+    assert client.post("/auth/login", data={"username": "bob", "password": "password123"}).status_code == 303
+
+
+def test_create_admin_reset_password_replaces_it_and_ends_their_sessions(app, users):
+    client = app.test_client()
+    client.post("/auth/login", data={"username": "bob", "password": "password123", "remember": "y"})
+    result = app.test_cli_runner().invoke(args=["create-admin", "bob", "--reset-password"],
+                                          input="brand-new-secret\nbrand-new-secret\n")
+    assert result.exit_code == 0, result.output
+    assert "1 signed-in session(s) were signed out" in result.output
+    assert client.get("/").status_code == 303  # signed out, "keep me signed in" included
+    fresh = app.test_client()
+    assert fresh.post("/auth/login", data={"username": "bob", "password": "password123"}).status_code == 401
+    assert fresh.post("/auth/login", data={"username": "bob", "password": "brand-new-secret"}).status_code == 303
+
+
+@pytest.mark.parametrize("args", [
+    ["create-admin", "eve", "--password", "password123"],  # a common password
+    ["create-admin", "eve", "--password", "eve-rocks-2026"],  # contains the username
+    ["create-admin", "eve", "--password", "x" * 129],
+    ["create-admin", "bob", "--reset-password", "--password", "x" * 129],
+    ["create-admin", "bob", "--reset-password", "--password", "iloveyou"],
+])
+def test_create_admin_applies_the_password_rules(app, users, args):
+    result = app.test_cli_runner().invoke(args=args)
+    assert result.exit_code != 0
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(User).where(User.username == "eve")) == 0
+        assert not db.session.get(User, users["bob"]).is_admin

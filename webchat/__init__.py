@@ -6,7 +6,7 @@ import os
 import secrets
 import time
 
-from flask import Flask, current_app, jsonify, redirect, render_template, request, session, url_for
+from flask import Flask, current_app, g, jsonify, redirect, render_template, request, session, url_for
 from flask_babel import get_locale
 from flask_babel import gettext as _
 from flask_login import current_user
@@ -27,14 +27,13 @@ from .config import Config
 from .embedded import embedded_redis_url, sqlite_url
 from .extensions import babel, csrf, db, limiter, login_manager, migrate, redis_store, sock
 from .health import bp as health_bp
-from .models import User
 from .realtime import bp as realtime_bp
 from .realtime.hub import hub
 from .services import DomainError
-from .services.accounts import check_session, mark_seen
+from .services.accounts import find_session
 from .services.message_text import system_text
 from .templating import register_filters
-from .web import end_browser_session, error_fragment, is_htmx, signed_in_user_id
+from .web import end_browser_session, error_fragment, is_htmx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,9 +170,21 @@ def _init_extensions(app: Flask) -> None:
     login_manager.session_protection = "basic"
 
     @login_manager.user_loader
-    def load_user(user_id: str):
-        user = db.session.get(User, int(user_id)) if user_id.isdigit() else None
-        return user if user is not None and not user.is_disabled else None
+    def load_user(cookie_id: str):
+        # The cookies carry "<user id>:<session token>" (User.get_id). The request's hook has
+        # usually found that session already; a "keep me signed in" cookie that starts a new
+        # browser session is looked up here. An ended session, or a disabled or deleted
+        # account, loads nobody, and its remember cookie is deleted.
+        found = g.get("signed_in")
+        if found is None or found.cookie_id != cookie_id:
+            found = find_session(cookie_id)
+            if found is None:
+                session.pop("_user_id", None)
+                session["_remember"] = "clear"
+                return None
+            g.signed_in = found
+            session["sid"] = found.session.id
+        return found.user
 
     @login_manager.unauthorized_handler
     def unauthorized():
@@ -240,22 +251,27 @@ def _register_request_hooks(app: Flask) -> None:
 
     @app.before_request
     def check_signed_in_session() -> None:
-        # A signed-in browser session gets an id so logout can close exactly its sockets; a copy
-        # of a signed-out session's cookie is refused everywhere; and "last seen" is written at
-        # most once per user per 5 minutes. One Redis round trip and no user row: a route that
-        # needs only the user's id (sending) never reads it.
+        # Every signed-in cookie names a row of user_sessions (accounts.find_session): a session
+        # signed out anywhere, revoked or idle too long, or of a disabled account, is signed out
+        # here on every request, whatever Redis knows. One indexed query, which also loads the
+        # user for current_user and writes "last seen" at most every 5 minutes. session["sid"]
+        # names the session for its sockets (a sign-out closes exactly those).
         if request.endpoint == "static":
             return
-        user_id = signed_in_user_id()
-        if user_id is None:
+        cookie_id = session.get("_user_id")
+        if cookie_id is None:
+            # Only a "keep me signed in" cookie: Flask-Login's loader (load_user) checks it now,
+            # before the view opens any transaction of its own.
+            if current_app.config.get("REMEMBER_COOKIE_NAME", "remember_token") in request.cookies:
+                current_user._get_current_object()
             return
-        if "sid" not in session:
-            session["sid"] = secrets.token_urlsafe(12)
-        revoked, seen_due = check_session(session["sid"], user_id)
-        if revoked:
+        found = find_session(cookie_id)
+        if found is None:
             end_browser_session()
-        elif seen_due:
-            mark_seen(user_id)
+            return
+        g.signed_in = found
+        if session.get("sid") != found.session.id:
+            session["sid"] = found.session.id
 
     @app.context_processor
     def template_helpers():

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from .extensions import db
 from .models import Conversation
 from .services import DomainError, transaction
-from .services.accounts import hash_password, register_user
+from .services.accounts import make_admin, register_user, sign_up
 from .services.conversations import create_group, find_or_create_direct
 from .services.messages import send_message
 from .services.people import find_user_by_username
@@ -16,25 +16,32 @@ from .services.read_state import recount_unread as recount
 from .services.retention import purge_expired_messages
 
 
+def _ask_password() -> str:
+    return click.prompt("Password", hide_input=True, confirmation_prompt=True)
+
+
 def register_cli(app: Flask) -> None:
     @app.cli.command("create-admin")
     @click.argument("username")
-    @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
-    def create_admin(username: str, password: str) -> None:
-        """Create an admin account, or make an existing account an admin."""
+    @click.option("--password", help="The password (asked for when needed and not given).")
+    @click.option("--reset-password", is_flag=True,
+                  help="For an existing user: replace their password too (and sign out all their sessions).")
+    def create_admin(username: str, password: str | None, reset_password: bool) -> None:
+        """Create an admin account, or make an existing account an admin (its password kept unless
+        --reset-password)."""
         user = find_user_by_username(username)
         try:
             if user is None:
-                user = register_user(username, password, is_admin=True)
+                user = sign_up(username, password or _ask_password(), is_admin=True)
                 click.echo(f"Created admin {user.username}.")
+            elif reset_password:
+                ended = make_admin(user, password or _ask_password())
+                click.echo(f"{user.username} is now an admin with the new password; "
+                           f"{ended} signed-in session(s) were signed out.")
             else:
-                if len(password) < 8:
-                    raise DomainError("Passwords need at least 8 characters.")
-                user.is_admin = True
-                user.is_disabled = False
-                user.password_hash = hash_password(password)
-                db.session.commit()
-                click.echo(f"{user.username} is now an admin.")
+                make_admin(user)
+                note = " (--password was ignored: add --reset-password to replace it)" if password else ""
+                click.echo(f"{user.username} is now an admin. Their password is unchanged{note}.")
         except DomainError as exc:
             raise click.ClickException(str(exc.message))
 

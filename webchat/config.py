@@ -65,6 +65,14 @@ class Config:
 
         self.RATELIMIT_ENABLED = env.get("RATELIMIT_ENABLED", "1") != "0"
         self.RATELIMIT_LOGIN = env.get("RATELIMIT_LOGIN", "10 per minute")
+        self.RATELIMIT_REGISTER = env.get("RATELIMIT_REGISTER", "5 per hour")
+        # Per account, whatever address a guess claims: after LOGIN_FREE_ATTEMPTS, a wait of
+        # LOGIN_DELAY_BASE seconds that doubles with each attempt, up to LOGIN_DELAY_MAX.
+        self.LOGIN_FREE_ATTEMPTS = _int("LOGIN_FREE_ATTEMPTS", 5)
+        self.LOGIN_DELAY_BASE = _int("LOGIN_DELAY_BASE", 15)
+        self.LOGIN_DELAY_MAX = _int("LOGIN_DELAY_MAX", 900)
+        self.LOGIN_ATTEMPTS_KEPT = _int("LOGIN_ATTEMPTS_KEPT", 3600)
+        self.SESSION_IDLE_DAYS = _int("SESSION_IDLE_DAYS", 30)  # a signed-in browser unused this long signs in again
         self.RATELIMIT_SWALLOW_ERRORS = True  # Redis down must not take sign-in down
         self.RATELIMIT_HEADERS_ENABLED = True
 

@@ -11,9 +11,16 @@ _servers: dict[str, object] = {}
 
 
 def sqlite_url(instance_path: str) -> str:
-    """Return the URL of the SQLite database file in the instance folder."""
+    """Return the URL of the SQLite database file in the instance folder, created private (0600)."""
     os.makedirs(instance_path, exist_ok=True)
-    return "sqlite:///" + os.path.join(instance_path, "webchat.db")
+    path = os.path.join(instance_path, "webchat.db")
+    # SQLite would create it readable by everyone (0644 under the usual umask), password hashes
+    # and messages included; its -wal and -shm files take the database file's mode.
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    return "sqlite:///" + path
 
 
 def embedded_redis_url(instance_path: str) -> str:

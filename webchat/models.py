@@ -1,4 +1,5 @@
-"""The data model: users, conversations, memberships, messages, read state, images, audit."""
+"""The data model: users and their signed-in sessions, conversations, memberships, messages, read state,
+images, audit."""
 from __future__ import annotations
 
 import secrets
@@ -59,6 +60,11 @@ def new_image_id() -> str:
     return secrets.token_urlsafe(18)
 
 
+def new_session_id() -> str:
+    """Return an unguessable id for a signed-in session (shown in its revoke URL, never a credential)."""
+    return secrets.token_urlsafe(12)
+
+
 class User(UserMixin, db.Model):
     __tablename__ = "users"
 
@@ -83,12 +89,44 @@ class User(UserMixin, db.Model):
         {"sqlite_autoincrement": True},
     )
 
+    # The signed-in session this object was loaded or signed in for (services.accounts). Not a
+    # column: Flask-Login keeps get_id() in the session cookie and the "keep me signed in"
+    # cookie, so both name that session, and deleting its row ends both.
+    session_token = None
+
     @property
     def is_active(self) -> bool:  # Flask-Login refuses inactive users
         return not self.is_disabled
 
+    def get_id(self) -> str:
+        """Return what the cookies carry: "<user id>:<session token>" (Flask-Login's alternative tokens)."""
+        if not self.session_token:
+            raise RuntimeError("sign in through services.accounts.start_session, which gives the user a session")
+        return f"{self.id}:{self.session_token}"
+
     def __repr__(self) -> str:
         return f"<User {self.id} {self.username}>"
+
+
+class UserSession(db.Model):
+    """A signed-in browser. Its cookies (the session and "keep me signed in") carry a secret token;
+    only the token's SHA-256 is stored, so a copy of this table signs nobody in. Signing out
+    deletes the row, and with it every cookie that names it, wherever it was copied.
+    """
+
+    __tablename__ = "user_sessions"
+
+    id: Mapped[str] = mapped_column(String(24), primary_key=True, default=new_session_id)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    device: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        # Every signed-in request finds its session by the token's hash: one index lookup.
+        UniqueConstraint("token_hash", name="uq_user_sessions_token_hash"),
+    )
 
 
 class Image(db.Model):

@@ -1,10 +1,13 @@
 """Request helpers every blueprint shares: htmx or not, who is signed in, refusing a request."""
 from __future__ import annotations
 
-from flask import Response, render_template, request, session
-from flask_login import logout_user
+import re
+
+from flask import Response, g, render_template, request, session
+from flask_login import current_user, logout_user
 
 from .services import DomainError
+from .services.accounts import SignedIn, parse_cookie_id
 
 
 def is_htmx() -> bool:
@@ -16,10 +19,35 @@ def signed_in_user_id() -> int | None:
     """The signed-in user's id from the session cookie, without reading the user's row.
 
     Only for routes whose service checks the account itself (a send checks the sender is an
-    active member in its own statement); anything else uses Flask-Login's current_user.
+    active member in its own statement); anything else uses Flask-Login's current_user. The
+    app's check_signed_in_session hook has already signed out a cookie whose session ended.
     """
-    user_id = session.get("_user_id")  # where Flask-Login keeps it
-    return int(user_id) if isinstance(user_id, str) and user_id.isdigit() else None
+    parsed = parse_cookie_id(session.get("_user_id"))  # where Flask-Login keeps "<user id>:<token>"
+    return parsed[0] if parsed else None
+
+
+def signed_in_session() -> SignedIn | None:
+    """This request's signed-in session (accounts.SignedIn), or None when nobody is signed in."""
+    if current_user.is_authenticated:  # a "keep me signed in" cookie is looked up here if need be
+        return g.get("signed_in")
+    return None
+
+
+_BROWSERS = (("Edg/", "Edge"), ("OPR/", "Opera"), ("Firefox/", "Firefox"), ("Chrome/", "Chrome"),
+             ("Safari/", "Safari"))
+_SYSTEMS = (("Android", "Android"), ("iPhone", "iPhone"), ("iPad", "iPad"), ("Windows", "Windows"),
+            ("CrOS", "ChromeOS"), ("Mac OS X", "macOS"), ("Linux", "Linux"))
+
+
+def device_label() -> str:
+    """A short name for this request's browser, from its User-Agent ("Firefox · Linux"), for the sessions list."""
+    agent = request.user_agent.string or ""
+    # Order matters: Edge and Opera also say Chrome, Chrome says Safari, Android says Linux.
+    browser = next((name for token, name in _BROWSERS if token in agent), "")
+    system = next((name for token, name in _SYSTEMS if token in agent), "")
+    if browser or system:
+        return " · ".join(part for part in (browser, system) if part)
+    return re.split(r"[/\s]", agent.strip(), maxsplit=1)[0][:40]  # "curl", "python-httpx"
 
 
 def end_browser_session() -> None:

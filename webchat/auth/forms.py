@@ -5,6 +5,11 @@ from flask_wtf.file import FileField
 from wtforms import BooleanField, PasswordField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length, Optional, Regexp
 
+from ..services.accounts import PASSWORD_MAX, PASSWORD_MIN
+
+# Nothing longer is ever hashed: refused before any work, on every form that takes a password.
+TOO_LONG = _l("Passwords are at most 128 characters.")
+
 
 class RegisterForm(FlaskForm):
     username = StringField(_l("Username"), validators=[
@@ -12,12 +17,12 @@ class RegisterForm(FlaskForm):
         Regexp(r"^[A-Za-z0-9_.-]+$", message=_l("Only letters, digits, '_', '.' and '-'."))])
     name = StringField(_l("Nickname"), validators=[Optional(), Length(max=64)])
     password = PasswordField(_l("Password"), validators=[
-        DataRequired(), Length(min=8, max=1024, message=_l("Passwords need 8 to 1024 characters."))])
+        DataRequired(), Length(min=PASSWORD_MIN, max=PASSWORD_MAX, message=_l("Passwords need 8 to 128 characters."))])
 
 
 class LoginForm(FlaskForm):
     username = StringField(_l("Username"), validators=[DataRequired(), Length(max=64)])
-    password = PasswordField(_l("Password"), validators=[DataRequired(), Length(max=1024)])
+    password = PasswordField(_l("Password"), validators=[DataRequired(), Length(max=PASSWORD_MAX, message=TOO_LONG)])
     remember = BooleanField(_l("Keep me signed in"))
 
 
@@ -29,7 +34,14 @@ class ProfileForm(FlaskForm):
 
 
 class DeleteAccountForm(FlaskForm):
-    password = PasswordField(_l("Password"), validators=[DataRequired(), Length(max=1024)])
+    password = PasswordField(_l("Password"), validators=[DataRequired(), Length(max=PASSWORD_MAX, message=TOO_LONG)])
+
+
+class PasswordForm(FlaskForm):
+    current_password = PasswordField(_l("Current password"), validators=[
+        DataRequired(), Length(max=PASSWORD_MAX, message=TOO_LONG)])
+    new_password = PasswordField(_l("New password"), validators=[
+        DataRequired(), Length(min=PASSWORD_MIN, max=PASSWORD_MAX, message=_l("Passwords need 8 to 128 characters."))])
 
 
 class EmptyForm(FlaskForm):

@@ -1,18 +1,18 @@
 """Account views: thin wrappers around services.accounts."""
 from __future__ import annotations
 
-import secrets
 from urllib.parse import urlsplit
 
-from flask import current_app, flash, redirect, render_template, request, session, url_for
+from flask import current_app, flash, g, make_response, redirect, render_template, request, session, url_for
 from flask_babel import gettext as _
+from flask_babel import ngettext
 from flask_login import current_user, login_required, login_user
 
 from ..extensions import limiter
 from ..services import AccountClosed, DomainError, accounts
-from ..web import end_browser_session
+from ..web import device_label, end_browser_session, refusal, signed_in_session
 from . import bp
-from .forms import DeleteAccountForm, LoginForm, ProfileForm, RegisterForm
+from .forms import TOO_LONG, DeleteAccountForm, LoginForm, PasswordForm, ProfileForm, RegisterForm
 
 
 def _safe_next(target: str | None) -> str:
@@ -25,26 +25,60 @@ def _safe_next(target: str | None) -> str:
     return url_for("chat.index")
 
 
-def _start_session(user, remember: bool = False) -> None:
-    login_user(user, remember=remember)
-    session["sid"] = secrets.token_urlsafe(12)
+def _too_long(field) -> bool:
+    return len(field.data or "") > accounts.PASSWORD_MAX
+
+
+def _enter(signed: accounts.SignedIn, remember: bool = False) -> None:
+    """Sign this browser in to its new server-side session (a session it had before ends)."""
+    previous = g.get("signed_in")
+    login_user(signed.user, remember=remember)  # the cookies carry signed.user.get_id()
+    session["sid"] = signed.session.id
+    g.signed_in = signed
+    if previous is not None and previous.session.id != signed.session.id:
+        accounts.end_session(previous.session.id)
+
+
+def _check_address_limit(message: str) -> None:
+    """Refuse (503) a sign-in or registration whose per-address limit could not be checked.
+
+    RATELIMIT_SWALLOW_ERRORS keeps the other routes up while the limiter's storage is away, and
+    then the request has no current limit: these two routes must not run unlimited instead.
+    """
+    if limiter.enabled and limiter.current_limit is None:
+        current_app.logger.error("%s refused: the per-address limit's storage is unreachable", request.path)
+        raise DomainError(message, 503)
+
+
+def _refused(template: str, form, exc: DomainError):
+    """Answer a refused sign-in or registration on its own page, with Retry-After when it says when."""
+    response = make_response(render_template(template, form=form, error=exc.message), exc.status)
+    if isinstance(exc, accounts.TooManyAttempts):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 @bp.route("/auth/register", methods=["GET", "POST"])
+# Only accounts created count: a taken name or a refused password costs no hash, nor a try.
+@limiter.limit(lambda: current_app.config.get("RATELIMIT_REGISTER", "5 per hour"), methods=["POST"],
+               deduct_when=lambda response: response.status_code == 303)
 def register():
     """Create an account and sign in."""
     if current_user.is_authenticated:
         return redirect(url_for("chat.index"), 303)
     form = RegisterForm()
     error = None
-    if form.validate_on_submit():
+    if request.method == "POST":
         try:
-            user = accounts.register_user(form.username.data, form.password.data, form.name.data or "")
+            _check_address_limit(_("Creating accounts is unavailable for a moment. Please try again shortly."))
+            if form.validate_on_submit():
+                user = accounts.sign_up(form.username.data, form.password.data, form.name.data or "")
+                _enter(accounts.start_session(user, device_label()))
+                return redirect(url_for("chat.index"), 303)
         except DomainError as exc:
+            if exc.status != 422:
+                return _refused("auth/register.html", form, exc)
             error = exc.message
-        else:
-            _start_session(user)
-            return redirect(url_for("chat.index"), 303)
     status = 422 if request.method == "POST" else 200
     return render_template("auth/register.html", form=form, error=error), status
 
@@ -56,30 +90,32 @@ def login():
     if current_user.is_authenticated and request.method == "GET":
         return redirect(_safe_next(request.args.get("next")), 303)
     form = LoginForm()
-    error = None
-    status = 200
-    if request.method == "POST":
-        try:
-            user = accounts.authenticate(form.username.data or "", form.password.data or "") \
-                if form.validate_on_submit() else None
-        except AccountClosed as exc:
-            return render_template("auth/login.html", form=form, error=exc.message), 401
-        if user is not None:
-            _start_session(user, remember=bool(form.remember.data))
-            return redirect(_safe_next(request.args.get("next") or request.form.get("next")), 303)
-        # One message whatever was wrong: never say whether the username exists.
-        error = _("Wrong username or password.")
-        status = 401
-    return render_template("auth/login.html", form=form, error=error), status
+    if request.method == "GET":
+        return render_template("auth/login.html", form=form)
+    try:
+        _check_address_limit(_("Signing in is unavailable for a moment. Please try again shortly."))
+        valid = form.validate_on_submit()
+        if _too_long(form.password):
+            return render_template("auth/login.html", form=form, error=TOO_LONG), 422
+        signed = accounts.sign_in(form.username.data, form.password.data, device_label()) if valid else None
+    except AccountClosed as exc:
+        return render_template("auth/login.html", form=form, error=exc.message), 401
+    except DomainError as exc:  # this account must wait (429), or its limit is unreachable (503)
+        return _refused("auth/login.html", form, exc)
+    if signed is not None:
+        _enter(signed, remember=bool(form.remember.data))
+        return redirect(_safe_next(request.args.get("next") or request.form.get("next")), 303)
+    # One message whatever was wrong: never say whether the username exists.
+    return render_template("auth/login.html", form=form, error=_("Wrong username or password.")), 401
 
 
 @bp.post("/auth/logout")
 def logout():
-    """Sign out and close this session's sockets."""
-    sid = session.get("sid")
+    """Sign out: this browser's session ends for good, "keep me signed in" too, and its sockets close."""
+    signed = signed_in_session()
     end_browser_session()
-    if sid:
-        accounts.revoke_session(sid)
+    if signed is not None:
+        accounts.end_session(signed.session.id)
     return redirect(url_for("auth.login"), 303)
 
 
@@ -106,6 +142,64 @@ def profile():
                            delete_form=DeleteAccountForm()), status
 
 
+def _security_page(error: str | None = None, password_form: PasswordForm | None = None) -> str:
+    """The password form and the list of this user's signed-in sessions, this browser's marked."""
+    return render_template("auth/sessions.html", sessions=accounts.list_sessions(current_user.id),
+                           this_session=signed_in_session().session.id, error=error,
+                           password_form=password_form or PasswordForm())
+
+
+@bp.get("/profile/sessions")
+@login_required
+def sessions():
+    """List the browsers signed in to this account (device, created, last seen)."""
+    return _security_page()
+
+
+@bp.post("/profile/sessions/<session_id>/revoke")
+@login_required
+def revoke_session(session_id: str):
+    """Sign out one of this account's sessions ("keep me signed in" included); its sockets close."""
+    try:
+        accounts.revoke_session(current_user.id, session_id)
+    except DomainError as exc:
+        return refusal(exc, _security_page)
+    if session_id == signed_in_session().session.id:  # this browser's own: it is signed out now
+        end_browser_session()
+        return redirect(url_for("auth.login"), 303)
+    flash(_("That session is signed out."), "saved")
+    return redirect(url_for("auth.sessions"), 303)
+
+
+@bp.post("/profile/sessions/revoke-others")
+@login_required
+def revoke_other_sessions():
+    """Sign out every session of this account but this browser's."""
+    ended = accounts.end_other_sessions(current_user.id, signed_in_session().session.id)
+    flash(ngettext("%(num)d other session signed out.", "%(num)d other sessions signed out.", ended), "saved")
+    return redirect(url_for("auth.sessions"), 303)
+
+
+@bp.post("/profile/password")
+@login_required
+def change_password():
+    """Change the password after checking the current one; every other session is signed out."""
+    form = PasswordForm()
+    if not form.validate_on_submit():
+        return _security_page(password_form=form), 422
+    try:
+        ended = accounts.change_password(current_user._get_current_object(), form.current_password.data,
+                                         form.new_password.data, signed_in_session().session.id)
+    except DomainError as exc:
+        response = make_response(refusal(exc, lambda error: _security_page(error, form)))
+        if isinstance(exc, accounts.TooManyAttempts):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    flash(ngettext("Your password is changed. %(num)d other session was signed out.",
+                   "Your password is changed. %(num)d other sessions were signed out.", ended), "saved")
+    return redirect(url_for("auth.sessions"), 303)
+
+
 @bp.post("/account/delete")
 @login_required
 def delete_account():
@@ -121,5 +215,7 @@ def delete_account():
         else:
             end_browser_session()
             return redirect(url_for("auth.register"), 303)
+    elif _too_long(form.password):
+        error = TOO_LONG
     return render_template("auth/profile.html", form=ProfileForm(obj=current_user), error=None,
                            delete_form=form, delete_error=error), status

@@ -335,6 +335,7 @@ def set_disabled(actor: User, uid, disabled: bool) -> User:
         user.is_disabled = disabled
         _audit(actor, "disable_user" if disabled else "enable_user", _user_label(user))
         if disabled:
+            accounts.end_all_sessions(user.id)  # re-enabling must not revive them
             emit(UserClosed(user.id, 1008))
     return user
 
