@@ -71,7 +71,7 @@ def test_register_sign_out_sign_in(page_factory):
     page.goto("/auth/register")
     page.fill("#register-username", "newbie")
     page.fill("#register-name", "New Bie")
-    page.fill("#register-password", "password123")
+    page.fill("#register-password", "plum kettle orbit 42")  # not one of the common passwords refused
     page.click("#register-form button[type=submit]")
     expect(page).to_have_url(re.compile(r"/$"))
     expect(page.locator("#nav-profile")).to_have_text("New Bie")
@@ -81,7 +81,7 @@ def test_register_sign_out_sign_in(page_factory):
     page.fill("#login-password", "wrong-password")
     page.click("#login-form button[type=submit]")
     expect(page.locator(".error")).to_contain_text("Wrong username or password")
-    sign_in(page, "NEWBIE")
+    sign_in(page, "NEWBIE", "plum kettle orbit 42")
     expect(page.locator("#nav-profile")).to_have_text("New Bie")
 
 
@@ -587,7 +587,14 @@ def test_scrolling_up_loads_older_messages_and_keeps_ones_place(app, page_factor
     expect(page.locator(f"#messages-{cid} > [data-mid]")).to_have_count(50)
     first = page.locator(f"#messages-{cid} > [data-mid]").first
     first_id = first.get_attribute("id")
-    page.locator(f"#messages-{cid}").evaluate("el => { el.scrollTop = 0; }")
+    # The reader scrolls to the top, and again should the socket's replay (the messages of the last
+    # 30 s, arriving as the page opens) have brought them back down to the newest first.
+    page.wait_for_function("""([pane, n]) => {
+        const p = document.getElementById(pane);
+        if (p.querySelectorAll(":scope > [data-mid]").length >= n) return true;
+        if (!p.querySelector("#load-older.htmx-request")) p.scrollTop = 0;
+        return false;
+    }""", arg=[f"messages-{cid}", min(total, 100)], polling=250, timeout=10000)
     expect(page.locator(f"#messages-{cid} > [data-mid]")).to_have_count(min(total, 100))
     # The message that was at the top is still in view, not pushed away by the older ones.
     page.wait_for_function("""([pane, id]) => {
@@ -771,3 +778,130 @@ def test_a_message_missing_from_the_middle_comes_back_in_its_place(app, browser)
     finally:
         context.close()
         server.stop()
+
+
+# Reports every Content-Security-Policy violation to the console, where the test collects them
+# (an init script: it runs before the page's own, and the policy does not apply to it).
+CSP_REPORTER = """
+document.addEventListener("securitypolicyviolation", function (e) {
+  console.error("CSP violation: " + e.effectiveDirective + " blocked " + (e.blockedURI || "inline") +
+                " at " + e.sourceFile + ":" + e.lineNumber + " " + (e.sample || ""));
+});
+"""
+
+
+def watch_csp(page) -> list[str]:
+    """Collect the page's policy violations: our reporter's, and Chromium's own console errors."""
+    violations: list[str] = []
+    page.add_init_script(CSP_REPORTER)
+    page.on("console", lambda m: violations.append(m.text) if m.type == "error" and (
+        "CSP violation" in m.text or "Content Security Policy" in m.text) else None)
+    return violations
+
+
+def test_pages_work_under_the_content_security_policy(app, page_factory):
+    """Sign in, open a chat, send and receive live, load older messages: no policy violation on the way."""
+    from webchat.services import conversations as convs
+    from webchat.services import messages as msgs
+
+    with app.test_request_context():
+        alice, bob = make_user("alice"), make_user("bob")
+        direct = convs.find_or_create_direct(alice, bob)
+        for i in range(60):
+            msgs.send_message(bob, direct, f"m{i:03d}")
+        cid, bob_id = direct.id, bob.id
+    page = page_factory()
+    violations = watch_csp(page)
+    policy = page.goto("/auth/login").headers["content-security-policy"]
+    assert "script-src 'self';" in policy and "style-src 'self';" in policy and "unsafe" not in policy
+    sign_in(page, "alice")
+    page.goto(f"/conversations/{cid}")
+    page.wait_for_function("document.body.classList.contains('offline') === false")  # the socket is open
+    expect(page.locator(f"#messages-{cid} > [data-mid]")).to_have_count(50)
+    page.fill("#compose-body", "sent under the policy")
+    page.press("#compose-body", "Enter")
+    mine = page.locator(f"#messages-{cid} .msg").last
+    expect(mine.locator(".bubble")).to_have_text("sent under the policy")
+    # The viewer's own messages are styled by their stylesheet, not an inline <style>.
+    assert mine.evaluate("el => getComputedStyle(el).flexDirection") == "row-reverse"
+    with app.test_request_context():
+        msgs.send_to(bob_id, cid, "pushed over the socket")
+    expect(page.locator(f"#messages-{cid} .bubble").last).to_have_text("pushed over the socket")
+    page.click("#load-older")
+    expect(page.locator(f"#messages-{cid} > [data-mid]")).to_have_count(62)
+    expect(page.locator(f"#messages-{cid} .bubble").first).to_have_text("m000")
+    page.goto("/")  # the list page, with its own socket
+    expect(page.locator(f"#conversation-{cid}")).to_contain_text("pushed over the socket")
+    page.wait_for_timeout(300)
+    assert violations == [], violations
+
+
+def test_a_form_that_asks_first_sends_nothing_when_the_answer_is_no(app, browser, live_server):
+    """The questions that were inline onsubmit handlers are asked by app.js, under the policy."""
+    from webchat.services import conversations as convs
+
+    with app.test_request_context():
+        alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+        gid = convs.create_group(alice, "Team", [bob.id, carol.id]).id
+        bob_id = bob.id
+    context = browser.new_context(base_url=live_server.url)
+    try:
+        page = context.new_page()
+        violations = watch_csp(page)
+        answers, asked = [False, True], []
+
+        def answer(dialog):
+            asked.append(dialog.message)
+            dialog.accept() if answers.pop(0) else dialog.dismiss()
+
+        page.on("dialog", answer)
+        sign_in(page, "alice")
+        page.goto(f"/conversations/{gid}")
+        page.click("#chat-menu summary")
+        page.click(f"#remove-member-{bob_id}")
+        page.wait_for_timeout(300)
+        expect(page.locator(f"#member-list li[data-user-id='{bob_id}']")).to_have_count(1)
+        page.click(f"#remove-member-{bob_id}")
+        expect(page.locator(f"#messages-{gid} .msg.system").last).to_contain_text("removed Bob")
+        assert asked == ["Remove this member?"] * 2
+        assert violations == [], violations
+    finally:
+        context.close()
+
+
+def test_a_member_who_takes_anothers_nickname_is_named_by_username_live(app, page_factory):
+    """The page names look-alike senders in messages that arrive live as the server does in the page."""
+    from sqlalchemy import update
+
+    from webchat.services import conversations as convs
+    from webchat.services import messages as msgs
+
+    with app.test_request_context():
+        alice, bob, mallory = make_user("alice"), make_user("bob"), make_user("mallory")
+        group = convs.create_group(alice, "Team", [bob.id, mallory.id])
+        msgs.send_message(alice, group, "the real one")
+        gid, mallory_id = group.id, mallory.id
+    page = page_factory()
+    sign_in(page, "bob")
+    page.goto(f"/conversations/{gid}")
+    page.wait_for_function("document.body.classList.contains('offline') === false")
+    real = page.locator(f"#messages-{gid} article.msg").first
+    expect(real.locator(".sender")).to_have_attribute("title", "@alice")
+    expect(real.locator(".handle")).to_have_count(0)
+    # Mallory takes Alice's nickname (in another case) and writes.
+    with app.test_request_context():
+        db.session.execute(update(User).where(User.id == mallory_id).values(name="ALICE"))
+        db.session.commit()
+        msgs.send_to(mallory_id, gid, "send me your password")
+    fake = page.locator(f"#messages-{gid} article.msg").last
+    expect(fake.locator(".bubble")).to_have_text("send me your password")
+    expect(fake.locator(".sender")).to_have_text("ALICE")
+    expect(fake.locator(".handle")).to_have_text("@mallory")
+    expect(fake.locator(".sender")).to_have_attribute("title", "@mallory")
+    expect(real.locator(".handle")).to_have_text("@alice")
+    live = page.locator(f"#messages-{gid}").inner_html()
+    # The page served again, by the server's own rule, names them the same way.
+    page.reload()
+    expect(fake.locator(".handle")).to_have_text("@mallory")
+    expect(real.locator(".handle")).to_have_text("@alice")
+    assert "@mallory</span>" in live and "@alice</span>" in live

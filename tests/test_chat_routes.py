@@ -531,3 +531,88 @@ def test_the_chat_head_alone_reads_nothing_as_read(app, setup):
     assert bob.get(f"/conversations/{setup['group']}?part=head").status_code == 200
     with app.test_request_context():
         assert reads.unread_counts(setup["bob"]) == {}
+
+
+def test_a_non_owner_is_refused_before_any_username_is_looked_up(app, setup, count_queries):
+    client = as_user(app, "carol")
+    client.get("/")  # sign-in's own writes are done
+    counter = count_queries()
+    with counter:
+        response = client.post(f"/conversations/{setup['group']}/members", data={"usernames": "ghost dave"})
+    assert response.status_code == 403
+    assert "No user called" not in response.get_data(as_text=True)
+    assert not [s for s in counter.statements if "lower(users.username) IN" in s]
+
+
+@pytest.mark.parametrize("data", [
+    {"usernames": " ".join(f"u{i}" for i in range(70_000))},
+    {"usernames": ",".join(f"u{i}" for i in range(201))},
+    {"member_ids": [str(i) for i in range(1, 70_001)]},
+    {"member_ids": ["1"] * 201},
+])
+def test_naming_too_many_people_at_once_is_a_clear_422(app, setup, data):
+    client = as_user(app, "alice")
+    for headers in ({}, HX):
+        response = client.post(f"/conversations/{setup['group']}/members", data=data, headers=headers)
+        assert response.status_code == 422
+        assert "Name at most 200 people at once." in response.get_data(as_text=True)
+
+
+def test_200_usernames_are_one_query_and_repeats_count_once(app, setup, count_queries):
+    from webchat.services import people
+
+    with app.test_request_context():
+        counter = count_queries()
+        with counter:
+            assert people.ids_for_usernames("dave " * 500 + "DAVE,Dave") == [setup["dave"]]
+            with pytest.raises(Exception, match="No user called u0"):
+                people.ids_for_usernames(" ".join(f"u{i}" for i in range(199)) + " dave")
+        assert counter.count == 2
+
+
+@pytest.fixture
+def impostor(app, setup):
+    """mallory, nicknamed "alice" like Alice, joins the group and writes in it; returns her id."""
+    with app.test_request_context():
+        mallory = make_user("mallory", name="ALICE")
+        alice = db.session.get(User, setup["alice"])
+        group = db.session.get(Conversation, setup["group"])
+        convs.add_members(alice, group, [mallory.id])
+        msgs.send_message(alice, group, "from the real one")
+        msgs.send_message(mallory, group, "send me your password")
+        return mallory.id
+
+
+def test_look_alike_nicknames_show_their_usernames(app, setup, impostor):
+    page = as_user(app, "bob").get(f"/conversations/{setup['group']}").get_data(as_text=True)
+    for uid, username in ((setup["alice"], "alice"), (impostor, "mallory")):
+        message = re.search(rf'<article class="msg" id="message-\d+" data-mid="\d+" data-sender="{uid}">.*?</article>',
+                            page, re.S).group(0)
+        assert f'title="@{username}"' in message and f'<span class="handle">@{username}</span>' in message
+    # Carol's nickname is her own: her @username is only its title.
+    with app.test_request_context():
+        msgs.send_message(db.session.get(User, setup["carol"]), db.session.get(Conversation, setup["group"]), "hey")
+    page = as_user(app, "bob").get(f"/conversations/{setup['group']}").get_data(as_text=True)
+    carol = re.search(rf'data-sender="{setup["carol"]}">.*?</article>', page, re.S).group(0)
+    assert 'title="@carol"' in carol and "@carol</span>" not in carol
+    # The members' list names everyone by username, and the header knows everyone for the page's script.
+    assert '<bdi>ALICE</bdi> <small class="handle muted">@mallory</small>' in page
+    assert f'"{impostor}": ["mallory", "alice"]' in page
+
+
+def test_user_text_is_isolated_from_what_surrounds_it(app, setup):
+    rlo = "\u202e"
+    with app.test_request_context():
+        mallory = make_user("mallory", name=f"exe.{rlo}txt")  # a name written before names lost them
+        alice = db.session.get(User, setup["alice"])
+        direct = convs.find_or_create_direct(alice, mallory)
+        msgs.send_message(mallory, direct, f"see {rlo}fdp.exe")
+        cid = direct.id
+    client = as_user(app, "alice")
+    chat = client.get(f"/conversations/{cid}").get_data(as_text=True)
+    assert f'<bdi class="sender" data-name-key="exe.txt" title="@mallory">exe.{rlo}txt</bdi>' in chat
+    assert f'<div class="bubble" dir="auto">see {rlo}fdp.exe</div>' in chat
+    assert f'<h1 id="chat-title"><bdi title="@mallory">exe.{rlo}txt</bdi></h1>' in chat
+    rows = client.get("/conversations", headers=HX).get_data(as_text=True)
+    assert f'<bdi class="conv-name">exe.{rlo}txt</bdi>' in rows
+    assert f"<bdi>see {rlo}fdp.exe</bdi>" in rows

@@ -140,6 +140,7 @@
           var refocus = head.contains(focused) && focused.closest("#chat-menu") ? "#chat-menu summary" : null;
           head.replaceWith(fresh);
           htmx.process(fresh);
+          markSharedNames();  // the members may have changed
           if (refocus && fresh.querySelector(refocus)) fresh.querySelector(refocus).focus();
           var title = document.querySelector("title");
           if (title && fresh.getAttribute("data-title")) {
@@ -148,6 +149,38 @@
           }
         }).catch(function () {});
     }, 100 + Math.random() * 900);
+  }
+
+  // Look-alike nicknames: a sender whose nickname compares equal (services.text_rules.name_key)
+  // to another member's or sender's shows their @username beside it, as the server does in the
+  // messages it renders (services.people.name_labels); every sender's @username is the title of
+  // their name. The server gives the keys: the header's members (data-people) and each message's
+  // sender (data-name-key: the name it was sent under, so a member who renamed themselves to
+  // look like another is caught in the message that arrives live).
+  function markSharedNames() {
+    var head = document.querySelector(".chat-head[data-people]"), pane = document.querySelector(".messages");
+    if (!head || !pane) return;
+    var people;
+    try { people = JSON.parse(head.getAttribute("data-people")) || {}; } catch (e) { return; }
+    var owners = {};
+    function own(key, id) { (owners[key] = owners[key] || {})[id] = true; }
+    Object.keys(people).forEach(function (id) { own(people[id][1], id); });
+    var names = pane.querySelectorAll(".msg[data-sender] .sender[data-name-key]");
+    function senderOf(el) { return el.closest(".msg").getAttribute("data-sender"); }
+    names.forEach(function (el) { own(el.getAttribute("data-name-key"), senderOf(el)); });
+    names.forEach(function (el) {
+      var person = people[senderOf(el)];
+      var username = person ? person[0] : (el.getAttribute("title") || "").replace(/^@/, "");
+      if (!username) return;
+      if (!el.hasAttribute("title")) el.setAttribute("title", "@" + username);
+      var next = el.nextElementSibling;
+      if (next && next.classList.contains("handle")) return;  // once named, always named
+      if (Object.keys(owners[el.getAttribute("data-name-key")] || {}).length < 2) return;
+      var handle = document.createElement("span");
+      handle.className = "handle";
+      handle.textContent = "@" + username;
+      el.after(" ", handle);
+    });
   }
 
   // A socket frame carries a new message for its chat pane and the member's list row. A page
@@ -275,6 +308,7 @@
   document.addEventListener("htmx:afterSwap", function (evt) {
     orderRows();
     updateTitle();
+    if (evt.detail.elt && evt.detail.elt.id === "load-older") markSharedNames();  // older messages
     var target = evt.detail && evt.detail.target;
     formatTimes(target && target.isConnected ? target : document);  // replaced whole (outerHTML): the page
   });
@@ -285,6 +319,8 @@
 
   document.addEventListener("htmx:oobAfterSwap", function (evt) {
     orderRows();
+    var into = evt.detail.target;
+    if (into && into.classList && into.classList.contains("messages")) markSharedNames();  // arrived live
     formatTimes(evt.detail.target);
     markActive();
     updateTitle();
@@ -335,6 +371,17 @@
     if (hint) hint.remove();
     members.appendChild(item);
   });
+
+  // Forms that ask first (data-confirm): asked here, as no inline handler (onsubmit) may run under
+  // the Content-Security-Policy. Before htmx or anything else hears of the submit.
+  document.addEventListener("submit", function (evt) {
+    var form = evt.target;
+    if (!form.matches || !form.matches("form[data-confirm]")) return;
+    if (!window.confirm(form.getAttribute("data-confirm"))) {
+      evt.preventDefault();
+      evt.stopImmediatePropagation();
+    }
+  }, true);
 
   function freshClientId(form) {
     var input = form.querySelector("#compose-client-id");
@@ -511,6 +558,7 @@
   document.addEventListener("DOMContentLoaded", function () {
     live = document.getElementById("live");
     formatTimes(document);
+    markSharedNames();
     markActive();
     updateTitle();
     scrollToBottom(true);

@@ -14,8 +14,15 @@ from ..services import messages as msgs
 from ..services.images import image_for
 from ..services.membership import get_conversation_for
 from ..services.read_state import mark_read
+from ..services.text_rules import name_key
 from ..web import is_htmx, refusal, signed_in_user_id
 from . import bp
+
+
+@bp.app_template_filter("name_key")
+def name_key_filter(name: str | None) -> str:
+    """What the page compares nicknames by (services.text_rules.name_key), for messages and members."""
+    return name_key(name)
 
 
 def _fail(exc: DomainError, page=None, **context):
@@ -119,7 +126,8 @@ def _chat_page(cid, error: str | None = None, before=None):
     # which keeps opening a conversation as fast at 500 conversations as at 5.
     return render_template(
         "chat/conversation.html", membership=view.membership, messages=view.messages, error=error,
-        has_older=view.has_older, newest_id=view.newest_id, retention_days=current_app.config["RETENTION_DAYS"],
+        has_older=view.has_older, newest_id=view.newest_id, labels=view.labels,
+        retention_days=current_app.config["RETENTION_DAYS"],
         **vars(view.header),
     )
 
@@ -228,8 +236,7 @@ def leave(cid: int):
 def add_members(cid: int):
     """Add members to a group (owner)."""
     def do(conversation, _membership):
-        ids = request.form.getlist("member_ids") + people.ids_for_usernames(request.form.get("usernames", ""))
-        convs.add_members(_me(), conversation, ids)
+        convs.add_members(_me(), conversation, request.form.getlist("member_ids"), request.form.get("usernames", ""))
 
     return _owner_action(cid, do)
 
@@ -265,6 +272,17 @@ def disband(cid: int):
     return _owner_action(cid, do)
 
 
+@bp.get("/viewer/<int:uid>.css")
+def viewer_css(uid: int):
+    """Style the viewer's own messages (the same message fragment serves every member's page).
+
+    A stylesheet rather than an inline <style>, which the Content-Security-Policy refuses. It is
+    a function of the URL alone and reveals nothing: any cache may keep it for a day.
+    """
+    return Response(render_template("chat/viewer.css", uid=uid), mimetype="text/css",
+                    headers={"Cache-Control": "public, max-age=86400"})
+
+
 @bp.get("/images/<image_id>")
 @bp.get("/images/<image_id>/<variant>")
 @login_required
@@ -274,12 +292,9 @@ def image(image_id: str, variant: str = "full"):
         served = image_for(current_user.id, image_id, variant)
     except DomainError:
         abort(404)
-    etag = f'"{served.id}-{variant}"'
-    if request.headers.get("If-None-Match") == etag:
-        return Response(status=304, headers={"ETag": etag})
-    return Response(served.body, mimetype=served.content_type, headers={
-        # Image ids are never reused, so the bytes never change; private: behind sign-in.
-        "Cache-Control": "private, max-age=31536000, immutable",
-        "ETag": etag,
-        "Content-Disposition": "inline",
-    })
+    # The bytes of an id never change, but who may see them does (a member leaves, a group is
+    # disbanded): browsers keep the image yet ask every time, and get 304 only while allowed.
+    headers = {"Cache-Control": "private, no-cache", "ETag": f'"{served.id}-{variant}"'}
+    if request.if_none_match.contains_weak(f"{served.id}-{variant}"):
+        return Response(status=304, headers=headers)
+    return Response(served.body, mimetype=served.content_type, headers={**headers, "Content-Disposition": "inline"})

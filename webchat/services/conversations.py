@@ -17,8 +17,9 @@ from .history import PAGE_SIZE, messages_page, newest_message_id
 from .images import has_file, store_upload
 from .membership import add_member, get_conversation_for, lock_conversations, members_of
 from .message_text import preview_of
-from .people import active_users, find_user_by_username
+from .people import NameLabel, active_users, find_user_by_username, ids_for_usernames, name_labels, too_many_people
 from .read_state import mark_read, recount_read
+from .text_rules import check_display_name, name_key
 
 MAX_GROUP_OTHERS = 200
 MIN_GROUP_OTHERS = 2
@@ -93,10 +94,7 @@ def _existing_users(ids: list[int]) -> list[User]:
 
 
 def _check_group_name(name: str) -> str:
-    name = (name or "").strip()
-    if not 1 <= len(name) <= 64:
-        raise DomainError(_l("Group names are 1 to 64 characters."), 422)
-    return name
+    return check_display_name(name, _l("Group names are 1 to 64 characters."))
 
 
 def system_message(conversation: Conversation, actor: User | None, event: str, body: str = "") -> Message:
@@ -148,10 +146,14 @@ def _require_group_owner(actor: User, conversation: Conversation) -> None:
         raise Forbidden(_l("Only the group's owner can do that."))
 
 
-def add_members(actor: User, conversation: Conversation, member_ids) -> list[User]:
-    """Add people to a group (owner only)."""
+def add_members(actor: User, conversation: Conversation, member_ids, usernames: str = "") -> list[User]:
+    """Add people to a group (owner only), named by id and/or by username (comma or space separated)."""
+    # The owner first: anyone else learns nothing about who exists, and costs no lookup.
     _require_group_owner(actor, conversation)
-    ids = _parse_ids(member_ids)
+    member_ids = list(member_ids or [])
+    if len(member_ids) > MAX_GROUP_OTHERS:  # before parsing: bound the work, and the query's parameters
+        raise too_many_people(MAX_GROUP_OTHERS)
+    ids = list(dict.fromkeys(_parse_ids(member_ids) + ids_for_usernames(usernames, MAX_GROUP_OTHERS)))
     if not ids:
         raise DomainError(_l("Pick someone to add."), 422)
     current = set(db.session.scalars(
@@ -220,8 +222,9 @@ def update_group(actor: User, conversation: Conversation, name: str | None = Non
     _require_group_owner(actor, conversation)
     line = None
     with transaction():
-        if name is not None and name.strip() != (conversation.name or ""):
-            conversation.name = _check_group_name(name)
+        name = _check_group_name(name) if name is not None else None
+        if name is not None and name != (conversation.name or ""):
+            conversation.name = name
             line = system_message(conversation, actor, "renamed", conversation.name)
         if has_file(image):
             old = conversation.image_id
@@ -308,24 +311,33 @@ def announce_typing(user: User, conversation: Conversation) -> None:
 
 @dataclass
 class ChatHeader:
-    """What a chat's header shows: the members (owner first), who of them is online, a 1:1's peer."""
+    """What a chat's header shows: the members (owner first), who of them is online, a 1:1's peer.
+
+    `identities` (member id -> [username, name key]) lets the page tell apart, in messages that
+    arrive live, members whose nicknames look the same (static/js/app.js, markSharedNames).
+    """
 
     conversation: Conversation
     members: list[tuple[Membership, User]]
     online: set[int]
     peer: User | None
     is_owner: bool
+    identities: dict[int, list[str]]
 
 
 @dataclass
 class ChatView:
-    """An opened chat: its header, the member's place, the newest page of messages."""
+    """An opened chat: its header, the member's place, the newest page of messages.
+
+    `labels` gives the members' and senders' @usernames, and which of their nicknames look alike.
+    """
 
     header: ChatHeader
     membership: Membership
     messages: list[Message]
     has_older: bool
     newest_id: int
+    labels: dict[int, NameLabel]
 
 
 def chat_header(user_id: int, conversation: Conversation) -> ChatHeader:
@@ -333,7 +345,8 @@ def chat_header(user_id: int, conversation: Conversation) -> ChatHeader:
     members = members_of(conversation.id)
     online = online_user_ids(redis_store.client, [u.id for _m, u in members if u.id != user_id])
     peer = None if conversation.is_group else next((u for _m, u in members if u.id != user_id), None)
-    return ChatHeader(conversation, members, online, peer, conversation.owner_id == user_id)
+    identities = {u.id: [u.username, name_key(u.name)] for _m, u in members}
+    return ChatHeader(conversation, members, online, peer, conversation.owner_id == user_id, identities)
 
 
 def open_conversation(user_id: int, cid, before=None) -> ChatView:
@@ -344,4 +357,7 @@ def open_conversation(user_id: int, cid, before=None) -> ChatView:
     newest_id = newest_message_id(user_id)
     mark_read(user_id, conversation, unread=membership.unread)
     messages = messages_page(conversation.id, before=before)
-    return ChatView(chat_header(user_id, conversation), membership, messages, len(messages) == PAGE_SIZE, newest_id)
+    header = chat_header(user_id, conversation)
+    # Former members' messages stay: their names count too.
+    labels = name_labels([u for _m, u in header.members] + [m.sender for m in messages if m.sender])
+    return ChatView(header, membership, messages, len(messages) == PAGE_SIZE, newest_id, labels)

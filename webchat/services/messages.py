@@ -23,6 +23,7 @@ from .images import has_file, store_upload
 from .membership import as_active_member, get_conversation_for
 from .message_text import preview_of
 from .read_state import MemberState, member_states, recount_read_from
+from .text_rules import visible_text
 
 MAX_BODY = 4000
 MAX_CLIENT_ID = 64
@@ -35,6 +36,8 @@ def check_message(body: str | None, image, client_id: str | None) -> tuple[str, 
     body = (body or "").strip()
     if "\x00" in body or "\x00" in (client_id or ""):
         raise DomainError(_l("Messages cannot contain NUL characters."), 422)
+    if body and not visible_text(body).visible:
+        body = ""  # zero-width spaces or bidi controls alone: nothing to read, as if empty
     if not body and not has_file(image):
         raise DomainError(_l("Write something or attach an image."), 422)
     if len(body) > MAX_BODY:

@@ -1,6 +1,8 @@
 """Finding people: by username, by id, by a search of usernames and nicknames."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from flask_babel import lazy_gettext as _l
 from sqlalchemy import func, or_, select
 
@@ -8,6 +10,7 @@ from ..extensions import db
 from ..models import User
 from . import DomainError, NotFound, parse_id
 from .conversation_list import conversation_list
+from .text_rules import name_key
 
 MAX_PICKED = 200  # people one form may name (a group's other members at most)
 
@@ -28,17 +31,45 @@ def active_users(ids, *order_by) -> list[User]:
         select(User).where(User.id.in_(ids), User.is_disabled.is_(False)).order_by(*order_by)).all())
 
 
-def ids_for_usernames(text: str) -> list[int]:
-    """Resolve comma- or space-separated usernames to user ids; unknown names are refused."""
-    names = [n for n in (text or "").replace(",", " ").split() if n]
+def too_many_people(limit: int) -> DomainError:
+    """The refusal of a request naming more than `limit` people."""
+    return DomainError(_l("Name at most %(n)d people at once.", n=limit), 422)
+
+
+def ids_for_usernames(text: str, limit: int = MAX_PICKED) -> list[int]:
+    """Resolve comma- or space-separated usernames to user ids, each once; unknown names are refused.
+
+    More than `limit` different names are refused before any lookup: one query binds every name.
+    """
+    names: dict[str, str] = {}  # lower case -> as written (for the refusal)
+    for name in (text or "").replace(",", " ").split():
+        names.setdefault(name.lower(), name)
     if not names:
         return []
-    users = db.session.scalars(select(User).where(func.lower(User.username).in_([n.lower() for n in names]))).all()
+    if len(names) > limit:
+        raise too_many_people(limit)
+    users = db.session.scalars(select(User).where(func.lower(User.username).in_(list(names)))).all()
     found = {u.username.lower(): u.id for u in users}
-    missing = [n for n in names if n.lower() not in found]
+    missing = [written for lower, written in names.items() if lower not in found]
     if missing:
         raise DomainError(_l("No user called %(name)s.", name=missing[0]), 422)
-    return [found[n.lower()] for n in names]
+    return [found[lower] for lower in names]
+
+
+class NameLabel(NamedTuple):
+    """What a page shows with a person's nickname: their @username (its title), beside it when `shared`."""
+
+    username: str
+    shared: bool  # the nickname looks like another one's among the people compared
+
+
+def name_labels(users) -> dict[int, NameLabel]:
+    """Label each of these users (by id), telling apart those whose nicknames look the same (text_rules.name_key)."""
+    keys = {user.id: (name_key(user.name), user.username) for user in users}
+    owners: dict[str, set[int]] = {}
+    for uid, (key, _username) in keys.items():
+        owners.setdefault(key, set()).add(uid)
+    return {uid: NameLabel(username, len(owners[key]) > 1) for uid, (key, username) in keys.items()}
 
 
 def users_by_ids(raw_ids, limit: int = MAX_PICKED) -> list[User]:
