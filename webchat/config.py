@@ -51,6 +51,7 @@ class Config:
         self.REMEMBER_COOKIE_SAMESITE = "Lax"
         self.REMEMBER_COOKIE_DURATION = timedelta(days=30)
         # Secure cookies when the site is served over https (set by the deployer, or by FORCE_HTTPS).
+        self.FORCE_HTTPS = env.get("FORCE_HTTPS", "").lower() in ("1", "true", "yes")  # also sends HSTS
         secure = env.get("SESSION_COOKIE_SECURE", env.get("FORCE_HTTPS", "")).lower() in ("1", "true", "yes")
         self.SESSION_COOKIE_SECURE = secure
         self.REMEMBER_COOKIE_SECURE = secure

@@ -27,6 +27,7 @@ from .conversations import delete_conversation_rows, refresh_last_message
 from .images import has_file, store_upload
 from .people import find_user_by_username
 from .read_state import forget_texts
+from .text_rules import check_display_name
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def register_user(username: str, password: str, name: str = "", *, is_admin: boo
     _check_password_length(password)
     user = User(
         username=username,
-        name=(name or "").strip()[:64] or username,
+        name=check_display_name(name) if (name or "").strip() else username,
         password_hash=hash_password(password),
         is_admin=is_admin,
     )
@@ -382,9 +383,7 @@ def make_admin(user: User, new_password: str | None = None) -> int:
 
 def update_profile(user: User, *, name: str, remark: str, avatar=None, background=None) -> User:
     """Change nickname, signature and pictures in one transaction."""
-    name = name.strip()
-    if not 1 <= len(name) <= 64:
-        raise DomainError(_l("Nicknames are 1 to 64 characters."), 422)
+    name = check_display_name(name)
     remark = remark.strip()
     if len(remark) > 200:
         raise DomainError(_l("The signature may be at most 200 characters."), 422)
