@@ -63,6 +63,11 @@ class Config:
         self.MAX_CONTENT_LENGTH = 12 * 1024 * 1024  # two 5 MB uploads plus form fields
         self.MAX_IMAGE_BYTES = 5 * 1024 * 1024
         self.MAX_IMAGE_PIXELS = 40_000_000
+        # Decoding runs off the event loop, one at a time per process (each may take ~340 MB):
+        # an upload waits IMAGE_DECODE_WAIT seconds for its turn, then gets 503.
+        self.MAX_IMAGE_DECODE_BYTES = _int("MAX_IMAGE_DECODE_BYTES", 350_000_000)
+        self.MAX_CONCURRENT_IMAGE_DECODES = _int("MAX_CONCURRENT_IMAGE_DECODES", 1)
+        self.IMAGE_DECODE_WAIT = float(env.get("IMAGE_DECODE_WAIT", 10))
 
         self.RATELIMIT_ENABLED = env.get("RATELIMIT_ENABLED", "1") != "0"
         self.RATELIMIT_LOGIN = env.get("RATELIMIT_LOGIN", "10 per minute")
