@@ -185,6 +185,9 @@ def send_to(user_id: int, conversation_id, body: str | None, image=None,
     with as_active_member(user_id):  # a disabled or deleted sender: AccountClosed
         if has_file(image):
             conversation, membership = get_conversation_for(user_id, cid, with_user=True)
+            # Give the connection back while the image waits its turn and decodes (seconds for a
+            # big one); on PostgreSQL the write checks membership again.
+            db.session.commit()
             return send_message(membership.user, conversation, body, image, client_id)
         return _send(user_id, cid, body, image, client_id)
 
