@@ -1,6 +1,6 @@
 """python -m bench <mode> ...: run one benchmark and print (and optionally save) its figures.
 
-Modes: load, saturate, idle, pages, purge (see bench/README.md); purge-worker is internal.
+Modes: load, saturate, idle, pages, purge, flood, image-decode (see bench/README.md); purge-worker is internal.
 Each mode starts what it needs (a scratch PostgreSQL database, a private Redis, gunicorn) and
 stops it afterwards.
 """
@@ -17,6 +17,8 @@ import sys
 import time
 
 from . import servers
+from .flood import add_flood_args
+from .image_decode import add_parser as add_image_decode_parser
 from .load import add_world_args
 
 
@@ -81,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--seed", type=int, default=7)
     purge.add_argument("--redis-url")
     purge.add_argument("--keep-db", action="store_true")
+
+    flood = modes.add_parser("flood", help="one socket floods typing frames, then messages: /healthz latency "
+                                           "during and after, and how long the server stays busy after it closes")
+    add_flood_args(flood)
+    add_image_decode_parser(modes)
 
     worker = modes.add_parser("purge-worker", help=argparse.SUPPRESS)
     worker.add_argument("--database-url", required=True)
@@ -161,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         from .idle import run_idle as run
     elif args.mode == "pages":
         from .pages import run_pages as run
+    elif args.mode == "flood":
+        from .flood import run_flood as run
+    elif args.mode == "image-decode":
+        from .image_decode import run
     else:
         from .purge import run_purge as run
     results = run(args)

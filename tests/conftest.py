@@ -224,6 +224,8 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
+        if os.environ.get("WEBCHAT_REQUIRE_BROWSER"):
+            pytest.fail("playwright is not installed, and WEBCHAT_REQUIRE_BROWSER is set")
         pytest.skip("playwright is not installed")
     executable = find_browser()
     with sync_playwright() as pw:

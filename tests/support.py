@@ -1,6 +1,7 @@
 """Start real processes for tests: gunicorn web servers, rq worker and rq cron."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,10 +11,23 @@ import sys
 import time
 
 import httpx
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 CSRF_RE = re.compile(r'<meta name="csrf-token" content="([^"]+)"')
+
+
+def required() -> bool:
+    """Say whether tests must not skip for a missing tool (CI, or WEBCHAT_REQUIRE_BROWSER=1)."""
+    return bool(os.environ.get("WEBCHAT_REQUIRE_BROWSER") or os.environ.get("CI"))
+
+
+def skip_or_fail(reason: str):
+    """Skip a test for a missing tool, or fail it where the whole suite must run."""
+    if required():
+        pytest.fail(f"{reason} (required: CI or WEBCHAT_REQUIRE_BROWSER is set)")
+    pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -38,20 +52,26 @@ def process_env(app, **extra) -> dict:
 
 
 class WebServer:
-    """One gunicorn (gevent) web process serving wsgi:app on a free port."""
+    """One gunicorn (gevent) web process serving wsgi:app on a free port.
 
-    def __init__(self, app, workers: int = 1, **env) -> None:
+    `config` adds settings config.py does not read from the environment: the app is then built by
+    `webchat:create_app(<config>)` (the environment's Config, updated with these).
+    """
+
+    def __init__(self, app, workers: int = 1, config: dict | None = None, **env) -> None:
         self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = process_env(app, PORT=self.port, WEB_CONCURRENCY=workers, **env)
+        self.app_spec = f"webchat:create_app({config!r})" if config else "wsgi:app"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "WebServer":
+        """Start gunicorn (again, on the same port, after a stop or kill) and wait until it is healthy."""
         self.log = open(os.path.join(os.environ.get("INSTANCE_PATH", "/tmp"), f"gunicorn-{self.port}.log"), "ab")
         self.proc = subprocess.Popen(
             [os.path.join(BIN, "gunicorn"), "-c", os.path.join(ROOT, "webchat", "gunicorn_conf.py"),
-             "-b", f"127.0.0.1:{self.port}", "wsgi:app"],
+             "-b", f"127.0.0.1:{self.port}", self.app_spec],
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -139,10 +159,12 @@ def redis_server_binary() -> str | None:
 
 
 class RedisServer:
-    """A throw-away redis-server on a free port, for outage tests."""
+    """A throw-away redis-server on a free port, for outage tests (start() again restarts it, same port)."""
 
     def __init__(self) -> None:
         self.binary = redis_server_binary()
+        if not self.binary:
+            skip_or_fail("no redis-server binary")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
@@ -165,6 +187,88 @@ class RedisServer:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+class WsSocket:
+    """A test's WebSocket to a running server, keeping every frame it read."""
+
+    def __init__(self, server, client: httpx.Client, after=None, origin=None) -> None:
+        import websocket
+
+        url = server.url.replace("http", "ws") + "/ws" + (f"?after={after}" if after is not None else "")
+        self.ws = websocket.create_connection(url, header=[f"Cookie: {cookie_header(client)}"],
+                                              origin=origin or server.url, timeout=10)
+        self.frames: list[str] = []
+
+    def send(self, **frame) -> None:
+        self.ws.send(json.dumps(frame))
+
+    def wait_for(self, pattern: str, timeout: float = 10, start: int = 0) -> str:
+        """Return the first frame from index `start` on matching `pattern` (a regex), reading until the timeout."""
+        import websocket
+
+        for frame in self.frames[start:]:
+            if re.search(pattern, frame):
+                return frame
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            self.ws.settimeout(max(0.1, deadline - time.time()))
+            try:
+                frame = self.ws.recv()
+            except websocket.WebSocketTimeoutException:
+                break
+            self.frames.append(frame)
+            if re.search(pattern, frame):
+                return frame
+        raise AssertionError(f"no frame matching {pattern!r}; got {[f[:120] for f in self.frames[start:]]}")
+
+    def ready(self) -> None:
+        """Return once the server handles this socket's frames, and has handled those sent before.
+
+        The server reads a socket's frames only once the socket is registered, hears live events and
+        has replayed; it reads them in order and answers an unknown type with an error frame.
+        """
+        start = len(self.frames)
+        self.send(type="barrier")
+        frame = self.wait_for('data-code="unknown_type"', start=start)
+        self.frames.remove(frame)
+
+    def close_code(self, timeout: float = 10) -> int:
+        """Read up to the server's close frame; return its code."""
+        import websocket
+
+        self.ws.settimeout(timeout)
+        while True:
+            opcode, data = self.ws.recv_data(control_frame=True)
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                return int.from_bytes(data[:2], "big")
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                self.frames.append(data.decode())
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def flush(app, sock: WsSocket, user_id: int) -> None:
+    """Return once `sock` has been sent every event published before this call.
+
+    Publishes a refresh for the user and waits for it: each process delivers events in the order
+    they were published, so anything published earlier has reached the socket or never will.
+    """
+    from webchat.events import ListsStale, publish
+
+    start = len(sock.frames)
+    with app.app_context():
+        assert publish(ListsStale([user_id]))
+    sock.frames.remove(sock.wait_for('id="ws-refresh"', start=start))
+
+
+def send_http(client: httpx.Client, cid: int, body: str, **data) -> int:
+    """Send a message over HTTP as htmx does; return its id."""
+    response = client.post(f"/conversations/{cid}/messages",
+                           data={"body": body, "csrf_token": csrf_of(client), **data}, headers={"HX-Request": "true"})
+    assert response.status_code in (200, 201), response.text
+    return int(re.search(r'id="message-(\d+)"', response.text).group(1))
 
 
 def shown_badge(html: str, cid: int) -> str:

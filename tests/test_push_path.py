@@ -54,12 +54,16 @@ def published(pubsub, timeout=5.0):
     raise AssertionError("no message event was published")
 
 
-def listening():
-    """Subscribe to the real channel (and give Redis a moment to register it)."""
-    pubsub = redis_store.client.pubsub(ignore_subscribe_messages=True)
+def listening(pubsub=None):
+    """Subscribe to the real channel; return once Redis has confirmed the subscription."""
+    pubsub = pubsub or redis_store.client.pubsub()
     pubsub.subscribe(redis_store.channel)
-    time.sleep(0.1)
-    return pubsub
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        item = pubsub.get_message(timeout=0.5)
+        if item and item["type"] == "subscribe":
+            return pubsub
+    raise AssertionError("Redis did not confirm the subscription")
 
 
 def sent(send):
@@ -122,8 +126,8 @@ def test_a_message_event_is_pushed_without_a_query(app, direct, count_queries):
         assert f'id="conversation-{cid}"' in frame and f'data-last-mid="{mid}"' in frame
     # Each side's row names the other person and carries its own exact badge.
     alice_frame, bob_frame = alice_tabs[0].ws.frames[0], bob_tab.ws.frames[0]
-    assert '<span class="conv-name">Bob</span>' in alice_frame
-    assert '<span class="conv-name">Alice</span>' in bob_frame
+    assert 'class="conv-name">Bob</' in alice_frame  # the element may change, the name must not
+    assert 'class="conv-name">Alice</' in bob_frame
     assert shown_badge(alice_frame, cid) == "2" and shown_badge(bob_frame, cid) == ""
     # The same message is not sent to a socket twice (a replay racing the live push).
     deliver(hub, raw, count_queries)
@@ -269,11 +273,9 @@ def test_apps_sharing_a_redis_server_on_other_databases_do_not_hear_each_other(a
     neighbour.config["REDIS_URL"] = other_url
     RedisClient().init_app(neighbour)
     with neighbour.app_context():
-        theirs = redis_store.client.pubsub(ignore_subscribe_messages=True)
-        theirs.subscribe(redis_store.channel)
+        theirs = listening(redis_store.client.pubsub())
     ours = listening()
     try:
-        time.sleep(0.1)
         events.publish(ListsStale([]))
         assert published_types(ours) == ["refresh"]
         assert published_types(theirs) == []

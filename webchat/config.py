@@ -101,6 +101,25 @@ class Config:
         # A socket that accepts no bytes for this long is dropped (it reconnects and replays).
         self.WS_SEND_TIMEOUT = float(env.get("WS_SEND_TIMEOUT", 5))
         self.WS_ALLOWED_ORIGINS = [o for o in env.get("WS_ALLOWED_ORIGINS", "").split(",") if o]
+        # Client frames (realtime/limits.py): token buckets per socket (all frames, messages) and per
+        # user (messages, across their sockets on a process); typing relayed at most once per
+        # WS_TYPING_INTERVAL per conversation. A socket over its frame bucket or its inbox gets an
+        # error frame, then 1008 after draining for WS_CLOSE_LINGER seconds.
+        self.WS_FRAME_RATE = float(env.get("WS_FRAME_RATE", 20))
+        self.WS_FRAME_BURST = _int("WS_FRAME_BURST", 40)
+        self.WS_MESSAGE_RATE = float(env.get("WS_MESSAGE_RATE", 10))
+        self.WS_MESSAGE_BURST = _int("WS_MESSAGE_BURST", 20)
+        self.WS_USER_MESSAGE_RATE = float(env.get("WS_USER_MESSAGE_RATE", 20))
+        self.WS_USER_MESSAGE_BURST = _int("WS_USER_MESSAGE_BURST", 40)
+        self.WS_TYPING_INTERVAL = float(env.get("WS_TYPING_INTERVAL", 2.0))
+        self.WS_INBOX_FRAMES = _int("WS_INBOX_FRAMES", 64)  # frames read but not yet handled
+        self.WS_INBOX_CHARS = _int("WS_INBOX_CHARS", 262144)
+        self.WS_MAX_DEPTH = _int("WS_MAX_DEPTH", 4)  # JSON nesting of a client frame
+        self.WS_CLOSE_LINGER = float(env.get("WS_CLOSE_LINGER", 1.0))
+        # A socket's replay starts once the process's Redis subscription is confirmed (or this passes).
+        self.WS_SUBSCRIBE_WAIT = float(env.get("WS_SUBSCRIBE_WAIT", 5.0))
+        self.PRESENCE_TTL = _int("PRESENCE_TTL", 60)  # a crashed process's users go offline within this
+        self.PRESENCE_BEAT = _int("PRESENCE_BEAT", 20)
 
     def check(self) -> None:
         """Refuse to start a production deployment without a SECRET_KEY."""

@@ -10,6 +10,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import suppress
 
 import redis
 from flask import Flask
@@ -17,11 +18,13 @@ from flask import Flask
 from .. import presence
 from ..events import Event, MessageSent, decode
 from ..extensions import db, redis_store
+from .limits import PerUser, Settings
 from .renderers import plan
 from .replay import replay
 from .transport import Client
 
 log = logging.getLogger(__name__)
+SUBSCRIBE_TIMEOUT = 5.0  # seconds Redis may take to confirm the listener's subscription
 
 
 class Hub:
@@ -39,11 +42,21 @@ class Hub:
         self._ready: dict[int, list[Callable[[], None]]] = {}
         self._emit_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(8)
+        # `subscribed`: Redis has confirmed the listener's subscription, so events published from
+        # now on reach this process. `settled`: that, or a failed attempt owes every socket a
+        # replay when the subscription is back: either way a socket's catch-up misses nothing.
+        self.subscribed = threading.Event()
+        self.settled = threading.Event()
+        self.limits = PerUser(Settings())
+        self._presence_ttl, self._presence_beat = presence.PRESENCE_TTL, presence.PRESENCE_BEAT
 
     def init_app(self, app: Flask) -> None:
         self.app = app
         app.extensions["hub"] = self
         self._slots = threading.BoundedSemaphore(app.config.get("HUB_CONCURRENCY", 8))
+        self.limits = PerUser(Settings.from_config(app.config))
+        self._presence_ttl = int(app.config.get("PRESENCE_TTL", presence.PRESENCE_TTL))
+        self._presence_beat = float(app.config.get("PRESENCE_BEAT", presence.PRESENCE_BEAT))
 
     # -- sockets -----------------------------------------------------------------------------
     def add(self, client: Client) -> None:
@@ -54,7 +67,17 @@ class Hub:
             self.clients[client.user_id].add(client)
             # Under the lock: a heartbeat rewriting the set in between must not drop this user.
             if first:
-                presence.mark(self.app.extensions["redis"], self.process_key, client.user_id, True)
+                self._mark_presence(client.user_id, True)
+
+    def wait_until_live(self, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until events published from now on reach this process's sockets.
+
+        The listener starts with the process's first socket: replaying before its subscription is
+        confirmed would lose a message committed after the replay's query and published before
+        the subscription, which reaches neither.
+        """
+        self._ensure_started()
+        return self.settled.wait(timeout)
 
     def remove(self, client: Client) -> None:
         """Forget a closed socket (its user goes offline here with their last one)."""
@@ -65,7 +88,7 @@ class Hub:
             sockets.discard(client)
             if not sockets:
                 del self.clients[client.user_id]
-                presence.mark(self.app.extensions["redis"], self.process_key, client.user_id, False)
+                self._mark_presence(client.user_id, False)
 
     def clients_of(self, user_id: int) -> list[Client]:
         with self.lock:
@@ -126,10 +149,11 @@ class Hub:
         backoff = 0.5
         lost = False
         while not self._stopping:
+            pubsub = self._redis().pubsub()
             try:
-                pubsub = self._redis().pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(redis_store.channel)
+                self._subscribe(pubsub)
                 if lost:
+                    # Only now: a replay before the confirmation could miss what is published meanwhile.
                     log.warning("pub/sub back: replaying to %d sockets", self.socket_count())
                     self._resync()
                     lost = False
@@ -139,22 +163,50 @@ class Hub:
                     if item and item.get("type") == "message":
                         self._submit(item["data"])
             except (redis.RedisError, OSError) as exc:
+                self.subscribed.clear()
                 lost = True
+                self.settled.set()  # sockets that register meanwhile are replayed to when it is back
                 log.warning("pub/sub lost (%s); retrying in %.1fs", exc, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+            finally:
+                with suppress(redis.RedisError, OSError):
+                    pubsub.close()
+
+    def _subscribe(self, pubsub) -> None:
+        """Subscribe to the events channel and return once Redis has confirmed it."""
+        pubsub.subscribe(redis_store.channel)
+        deadline = time.monotonic() + SUBSCRIBE_TIMEOUT
+        while (item := pubsub.get_message(timeout=1.0)) is None or item.get("type") != "subscribe":
+            if time.monotonic() > deadline:
+                raise redis.TimeoutError("the subscription was not confirmed")
+        self.subscribed.set()
+        self.settled.set()
 
     def _heartbeat(self) -> None:
-        """Keep this process's presence set alive; it expires if the process dies."""
+        """Keep this process's presence set alive (it expires if the process dies); forget idle limits."""
+        client = self._redis()
         while not self._stopping:
             try:
-                client = self._redis()
                 # Listed and written under the lock, so an add() in between is not wiped.
                 with self.lock:
                     presence.beat(client, self.process_key, list(self.clients))
+                    self._shorten_presence(client)
             except (redis.RedisError, OSError) as exc:
                 log.warning("presence heartbeat failed: %s", exc)
-            time.sleep(presence.PRESENCE_BEAT)
+            self.limits.forget_idle(keep=self.local_user_ids())
+            time.sleep(self._presence_beat)
+
+    def _mark_presence(self, user_id: int, online: bool) -> None:
+        client = self.app.extensions["redis"]
+        presence.mark(client, self.process_key, user_id, online)
+        self._shorten_presence(client)
+
+    def _shorten_presence(self, client: redis.Redis) -> None:
+        # presence.py renews the set for its own 60 s; a shorter PRESENCE_TTL (a test's) is set after it.
+        if self._presence_ttl < presence.PRESENCE_TTL:
+            with suppress(redis.RedisError, OSError):
+                client.expire(self.process_key, self._presence_ttl)
 
     def _resync(self) -> None:
         for client in self.all_clients():

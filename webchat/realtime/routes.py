@@ -1,7 +1,6 @@
 """GET /ws: an authenticated, Origin-checked WebSocket fed by the hub."""
 from __future__ import annotations
 
-import json
 from urllib.parse import urlsplit
 
 from flask import abort, current_app, render_template, request, session
@@ -17,6 +16,8 @@ from ..services.membership import get_active_membership
 from ..services.read_state import mark_read
 from . import bp
 from .hub import hub
+from .inbound import FrameRefused, Inbox, read_frame
+from .limits import SocketLimits, Verdict
 from .transport import Client
 
 
@@ -49,26 +50,31 @@ def _error_frame(message: str, code: str = "bad_request") -> str:
     return render_template("realtime/_error.html", message=message, code=code)
 
 
-def handle_frame(client: Client, raw) -> str | None:
+def handle_frame(client: Client, raw, limits: SocketLimits) -> str | None:
     """Act on one client frame; return an error frame to send back, or None."""
-    if isinstance(raw, bytes):
-        return _error_frame(_("Frames must be JSON text."))
-    if len(raw.encode()) > current_app.config["WS_MAX_FRAME"]:
-        return _error_frame(_("That frame is too large."), "too_large")
+    config = current_app.config
     try:
-        frame = json.loads(raw)
-    except ValueError:
-        return _error_frame(_("Frames must be JSON text."))
-    if not isinstance(frame, dict):
-        return _error_frame(_("Frames must be JSON objects."))
+        frame = read_frame(raw, config["WS_MAX_FRAME"], config.get("WS_MAX_DEPTH", 4))
+    except FrameRefused as exc:
+        return _error_frame(exc.message, exc.code)
     kind = frame.get("type")
     if kind == "ping":
         return None
     if kind not in ("message", "join", "typing"):
         return _error_frame(_("Unknown frame type."), "unknown_type")
+    verdict = limits.verdict(kind, frame.get("conversation_id"))
+    if verdict is Verdict.DROP:
+        return None
+    if verdict is Verdict.REFUSE:
+        return _error_frame(_("You are sending messages too fast. Wait a moment and try again."), "rate_limited")
     if kind == "join" and frame.get("conversation_id") in (None, ""):
         client.joined = None
         return None
+    return _act(client, kind, frame, raw)
+
+
+def _act(client: Client, kind: str, frame: dict, raw: str) -> str | None:
+    """Send a message, join a conversation or announce typing; return an error frame or None."""
     try:
         if kind == "message":
             # The send checks membership and that the account is active itself (in its statement).
@@ -99,33 +105,66 @@ def handle_frame(client: Client, raw) -> str | None:
 @sock.route("/ws", bp=bp)
 def ws(socket):
     """Stream this user's live frames; accept message, join and typing frames."""
+    config = current_app.config
+    inbox = Inbox(config.get("WS_INBOX_FRAMES", 64), config.get("WS_INBOX_CHARS", 256 * 1024))
     client = Client(socket, current_user.id, session.get("sid"), str(get_locale()),
-                    send_timeout=current_app.config["WS_SEND_TIMEOUT"])
+                    send_timeout=config["WS_SEND_TIMEOUT"], inbox=inbox)
     after = request.args.get("after", type=int)
     if after is not None:
         after = max(0, min(after, MAX_ID))
     hub.add(client)
     try:
-        try:
-            if after is not None:
-                hub.replay(client, after)
-        except Exception:
-            # The database is away: 1011 makes the browser retry, and the retry replays.
-            db.session.rollback()
-            current_app.logger.exception("replay failed")
-            client.start_live()
-            client.close(1011, "try again")
-            return
-        client.start_live()
-        while True:
-            # Give the pooled connection back before blocking: an idle socket must not hold one.
-            db.session.remove()
-            raw = socket.receive()
-            if raw is None:
-                continue
-            error = handle_frame(client, raw)
-            if error:
-                client.send(error)
+        if _catch_up(client, after):
+            _serve(client, hub.limits.for_socket(client.user_id))
     finally:
         hub.remove(client)
         db.session.remove()
+
+
+def _catch_up(client: Client, after: int | None) -> bool:
+    """Replay what the socket missed, then let live frames through; False if the socket was closed."""
+    # Not before this process hears live events: a message published between the replay's
+    # query and the listener's subscription (a fresh process subscribes with its first
+    # socket) would reach the socket by neither path.
+    if not hub.wait_until_live(current_app.config.get("WS_SUBSCRIBE_WAIT", 5.0)):
+        current_app.logger.warning("replaying before the event subscription is confirmed")
+    try:
+        if after is not None:
+            hub.replay(client, after)
+    except Exception:
+        # The database is away: 1011 makes the browser retry, and the retry replays.
+        db.session.rollback()
+        current_app.logger.exception("replay failed")
+        client.start_live()
+        client.close(1011, "try again")
+        return False
+    client.start_live()
+    return True
+
+
+def _serve(client: Client, limits: SocketLimits) -> None:
+    """Handle the socket's frames in order until it closes, or until it floods."""
+    socket = client.ws
+    while True:
+        # Give the pooled connection back before blocking: an idle socket must not hold one.
+        db.session.remove()
+        raw = socket.receive()
+        # receive() still hands out frames that arrived before the close: nobody is there to
+        # answer, and each would cost a query (a flood's backlog kept workers busy for minutes).
+        if not socket.connected:
+            return
+        if raw is None:
+            continue
+        if client.inbox.overflowed or not limits.admit_frame():
+            _close_flooding(client)
+            return
+        error = handle_frame(client, raw, limits)
+        if error:
+            client.send(error)
+
+
+def _close_flooding(client: Client) -> None:
+    """Tell a socket that sends faster than any browser why, and close it with 1008."""
+    client.send(_error_frame(_("Too many frames too fast: this connection is closed. Reload the page to "
+                               "reconnect."), "rate_limited"))
+    client.close(1008, "rate limited", linger=current_app.config.get("WS_CLOSE_LINGER", 1.0))

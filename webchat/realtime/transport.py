@@ -4,11 +4,15 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections import OrderedDict
+from contextlib import suppress
 
 from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import TextMessage
+
+from .inbound import Inbox
 
 log = logging.getLogger(__name__)
 SENT_MEMORY = 5000
@@ -60,6 +64,7 @@ class WholeWrites:
     def __init__(self, sock) -> None:
         self._sock = sock
         self._lock = threading.Lock()
+        self._drain_until: float | None = None
 
     def send(self, data, flags: int = 0) -> int:
         view = memoryview(data)
@@ -70,6 +75,36 @@ class WholeWrites:
 
     sendall = send
 
+    def drain_on_close(self, seconds: float) -> None:
+        """From now on the reader gets the end of the connection: what the peer still sends is dropped
+        unread, for `seconds` at most or until the peer closes, before the socket closes.
+
+        Closing a socket with unread bytes resets the connection, and the peer's system then throws
+        away what it had not read yet: a client that kept sending would lose our last frames (the
+        error frame and the closing frame) and see 1006, which browsers take as "reconnect".
+        """
+        self._drain_until = time.monotonic() + seconds
+
+    def recv(self, size: int, *flags) -> bytes:
+        if self._drain_until is None:
+            return self._sock.recv(size, *flags)
+        self._drain()
+        return b""  # simple-websocket's reader takes this as the end of the connection
+
+    def close(self) -> None:
+        if self._drain_until is not None:
+            self._drain()
+        self._sock.close()
+
+    def _drain(self) -> None:
+        with suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)  # our closing frame was the last: the peer may close too
+            while (left := self._drain_until - time.monotonic()) > 0:
+                self._sock.settimeout(left)
+                if not self._sock.recv(65536):
+                    break
+        self._drain_until = time.monotonic()  # once
+
     def __getattr__(self, name):
         return getattr(self._sock, name)
 
@@ -77,13 +112,20 @@ class WholeWrites:
 class Client:
     """One open socket: a send lock (flask-sock's send is not thread-safe) and what it has seen."""
 
-    def __init__(self, ws, user_id: int, sid: str | None, locale: str, send_timeout: float = 5.0) -> None:
+    def __init__(self, ws, user_id: int, sid: str | None, locale: str, send_timeout: float = 5.0,
+                 inbox: Inbox | None = None) -> None:
         self.ws = ws
         # A simple-websocket connection: its writes go whole through one lock, and encoded
         # frames go straight to the socket.
         self.wire: WholeWrites | None = None
         if hasattr(ws, "sock"):
             ws.sock = self.wire = WholeWrites(ws.sock)
+        # Its reader fills `input_buffer`, a list without a bound: a bounded inbox takes its place
+        # (with what arrived already; under gevent the reader cannot run between these lines).
+        self.inbox = inbox if inbox is not None else Inbox()
+        if hasattr(ws, "input_buffer"):
+            self.inbox.extend(ws.input_buffer)
+            ws.input_buffer = self.inbox
         self._deadline = _send_deadline(send_timeout)
         self.user_id = user_id
         self.sid = sid
@@ -101,6 +143,8 @@ class Client:
         with self.lock:
             if mid is not None:
                 if mid in self._sent:
+                    if replayed and not self._ready:
+                        self._move_to_replay(mid)
                     return
                 self._sent[mid] = None
                 if len(self._sent) > SENT_MEMORY:
@@ -111,6 +155,17 @@ class Client:
                 (self._replayed if replayed else self._pending).append((mid, html))
                 return
             self._write(html)
+
+    def _move_to_replay(self, mid: int) -> None:
+        """Send a live frame held during replay in the replay's place when the replay reaches its message.
+
+        Otherwise a sender's message published after the socket registered, but before replay read
+        the sender's next message, would come after that next one.
+        """
+        for index, (pending_mid, _html) in enumerate(self._pending):
+            if pending_mid == mid:
+                self._replayed.append(self._pending.pop(index))
+                return
 
     def _write(self, html: str) -> None:
         if self._deadline is not None:
@@ -151,10 +206,19 @@ class Client:
             self._pending.clear()
             self._ready = True
 
-    def close(self, code: int, reason: str = "") -> None:
-        """Close the socket with this code (1008 signed out, 1011 try again, 1012 restart)."""
+    def close(self, code: int, reason: str = "", linger: float = 0.0) -> None:
+        """Close the socket with this code (1008 signed out, 1011 try again, 1012 restart).
+
+        With `linger`, for a peer that may still be sending: wait (that long at most) until it has
+        had our closing frame, dropping what it sends meanwhile (WholeWrites.drain_on_close).
+        """
         with self.lock:
+            if linger and self.wire is not None:
+                self.wire.drain_on_close(linger)
             try:
                 self.ws.close(reason=code, message=reason)
             except Exception:
                 pass
+        reader = getattr(self.ws, "thread", None)
+        if linger and reader is not None:
+            reader.join(linger + 0.5)  # the reader drains, then closes the socket
