@@ -126,3 +126,33 @@ def test_a_web_worker_freezes_what_it_loaded_before_serving(monkeypatch):
         assert gc.get_freeze_count() > 1000 and watched == ["worker"]
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("htmx", [False, True])
+def test_an_unexpected_error_is_a_friendly_500_that_rolls_back(app, monkeypatch, htmx):
+    """Whatever breaks inside a view: a 500 page (or a #flash fragment for htmx), logged, nothing half-written."""
+    from tests.conftest import login_client, make_user
+    from webchat.extensions import db
+    from webchat.models import User
+    from webchat.services import people
+
+    with app.app_context():
+        make_user("alice")
+    client = login_client(app, "alice")
+
+    def broken(query, exclude_id, limit=20):
+        db.session.add(User(username="half", name="half", password_hash="x"))
+        db.session.flush()  # written, not committed: the handler must roll it back
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(people, "search_users", broken)
+    headers = {"HX-Request": "true"} if htmx else {}
+    response = client.get("/users/search?q=x", headers=headers)
+    assert response.status_code == 500
+    text = response.get_data(as_text=True)
+    assert "Something went wrong on our side" in text and "a bug" not in text and "Traceback" not in text
+    assert ("<html" in text.lower()) is not htmx
+    if htmx:
+        assert response.headers["HX-Retarget"] == "#flash"
+    with app.app_context():
+        assert db.session.query(User).filter_by(username="half").count() == 0

@@ -370,3 +370,20 @@ def test_registration_is_refused_when_its_limit_cannot_be_checked(limited_app):
     assert response.status_code == 503
     assert "Creating accounts is unavailable for a moment." in response.get_data(as_text=True)
     assert client.get("/auth/register").status_code == 200
+
+
+def test_production_argon2_settings_and_a_weaker_hash_is_upgraded_at_sign_in(app, monkeypatch):
+    """The real hasher's settings (not the suite's cheap ones); an old, weaker hash is redone on sign-in."""
+    from argon2 import PasswordHasher
+
+    from webchat.services import accounts
+
+    monkeypatch.setattr(accounts, "_hasher", PasswordHasher())  # what the app uses outside the tests
+    with app.app_context():
+        make_user("zoe", password="password123")  # the suite's cheap hash: t=1, m=1024
+        assert "m=1024,t=1" in db.session.scalar(select(User.password_hash).where(User.username == "zoe"))
+    login_client(app, "zoe")
+    with app.app_context():
+        stored = db.session.scalar(select(User.password_hash).where(User.username == "zoe"))
+    assert stored.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
+    assert not accounts._hasher.check_needs_rehash(stored)

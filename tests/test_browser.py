@@ -653,8 +653,15 @@ def test_the_typing_hint_ends_when_the_message_arrives(app, page_factory):
     writer.type("#compose-body", "hello there", delay=20)
     expect(reader.locator(f"#typing-{cid}")).to_contain_text("Alice is typing")
     writer.press("#compose-body", "Enter")
-    expect(reader.locator(f"#messages-{cid} .bubble").last).to_have_text("hello there")
-    expect(reader.locator(f"#typing-{cid}")).to_be_empty(timeout=1500)  # not the 4 s fallback
+    # The message's own swap ends the hint (not the 4 s fallback): read both in the same task the
+    # message shows in, rather than racing a timeout.
+    hint_when_shown = reader.wait_for_function(f"""() => {{
+        const bubbles = document.querySelectorAll('#messages-{cid} .bubble');
+        const last = bubbles[bubbles.length - 1];
+        if (!last || last.textContent.trim() !== 'hello there') return false;
+        return {{hint: document.getElementById('typing-{cid}').textContent}};
+    }}""").json_value()
+    assert hint_when_shown == {"hint": ""}
 
 
 def test_a_tall_new_message_is_scrolled_into_view(app, page_factory):
