@@ -278,3 +278,16 @@ def shown_badge(html: str, cid: int) -> str:
     hidden, text = found[0]
     assert bool(hidden) == (text == ""), "a badge is hidden exactly when it is empty"
     return text
+
+
+def drain(pubsub, seconds: float = 2.0) -> list[dict]:
+    """Collect the events published so far (waits at most `seconds` for the first)."""
+    events, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        item = pubsub.get_message(timeout=0.2)
+        if item is None:
+            if events:
+                break
+            continue
+        events.append(json.loads(item["data"]))
+    return events

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 import time
 from datetime import datetime, timedelta, timezone
@@ -16,6 +15,7 @@ from sqlalchemy import func, select, update
 from werkzeug.datastructures import FileStorage
 
 from tests.conftest import image_bytes, login_client
+from tests.support import drain
 from webchat.extensions import db, redis_store
 from webchat.models import AuditLog, Conversation, Membership, Message, RetentionRun, User
 from webchat.services import admin as service
@@ -532,19 +532,6 @@ def redis_store_client(app) -> redis.Redis:
 def events_channel(app) -> str:
     with app.app_context():
         return redis_store.channel
-
-
-def drain(pubsub, seconds: float = 2.0) -> list[dict]:
-    """Collect the events published so far (waits at most `seconds` for the first)."""
-    events, deadline = [], time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        item = pubsub.get_message(timeout=0.2)
-        if item is None:
-            if events:
-                break
-            continue
-        events.append(json.loads(item["data"]))
-    return events
 
 
 def wait_for(condition, seconds: float = 10.0) -> None:

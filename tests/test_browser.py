@@ -39,6 +39,19 @@ def sign_in(page, username, password="password123"):
     expect(page).to_have_url(re.compile(r"/$"))
 
 
+def direct_with_history(app, sender: str, count: int = 60):
+    """alice and bob's 1:1 holding `count` messages (m000, m001, ...) from `sender`; return its id and theirs."""
+    from webchat.services import conversations as convs
+    from webchat.services import messages as msgs
+
+    with app.test_request_context():
+        people = {"alice": make_user("alice"), "bob": make_user("bob")}
+        direct = convs.find_or_create_direct(people["alice"], people["bob"])
+        for i in range(count):
+            msgs.send_message(people[sender], direct, f"m{i:03d}")
+        return direct.id, {name: user.id for name, user in people.items()}
+
+
 def open_direct(app, page_factory, username="alice"):
     """alice and bob with a 1:1; a page signed in as `username` with it open. Returns (page, cid)."""
     from webchat.services import conversations as convs
@@ -538,15 +551,10 @@ def _mids(page, cid):
 def test_a_burst_of_messages_stays_in_order_when_the_socket_replays_it(app, page_factory):
     """The socket's replay looks back 30 s before the page's newest message: a burst of 60 sent in a
     second comes back whole, and what is older than the page's first 50 is left to "Load older"."""
-    from webchat.services import conversations as convs
     from webchat.services import messages as msgs
 
-    with app.test_request_context():
-        alice, bob = make_user("alice"), make_user("bob")
-        direct = convs.find_or_create_direct(alice, bob)
-        for i in range(60):
-            msgs.send_message(alice, direct, f"m{i:03d}")
-        cid, alice_id = direct.id, alice.id
+    cid, ids = direct_with_history(app, sender="alice")
+    alice_id = ids["alice"]
     page = page_factory()
     frames = []
     page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: frames.append(payload)))
@@ -808,15 +816,10 @@ def watch_csp(page) -> list[str]:
 
 def test_pages_work_under_the_content_security_policy(app, page_factory):
     """Sign in, open a chat, send and receive live, load older messages: no policy violation on the way."""
-    from webchat.services import conversations as convs
     from webchat.services import messages as msgs
 
-    with app.test_request_context():
-        alice, bob = make_user("alice"), make_user("bob")
-        direct = convs.find_or_create_direct(alice, bob)
-        for i in range(60):
-            msgs.send_message(bob, direct, f"m{i:03d}")
-        cid, bob_id = direct.id, bob.id
+    cid, ids = direct_with_history(app, sender="bob")
+    bob_id = ids["bob"]
     page = page_factory()
     violations = watch_csp(page)
     policy = page.goto("/auth/login").headers["content-security-policy"]

@@ -3,15 +3,14 @@ ends the cookie for good (logout, revoking, "sign out other sessions", a passwor
 or deleted account), "keep me signed in" included, whatever Redis knows."""
 from __future__ import annotations
 
-import json
 import re
-import time
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, update
 
 from tests.conftest import Client
+from tests.support import drain
 from webchat import create_app
 from webchat.config import TestConfig
 from webchat.extensions import db, redis_store
@@ -67,18 +66,7 @@ def listen(app):
     with app.app_context():
         pubsub.subscribe(redis_store.channel)
 
-    def drain(seconds: float = 2.0) -> list[dict]:
-        events, deadline = [], time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            item = pubsub.get_message(timeout=0.2)
-            if item is None:
-                if events:
-                    break
-                continue
-            events.append(json.loads(item["data"]))
-        return events
-
-    return pubsub, drain
+    return pubsub, lambda seconds=2.0: drain(pubsub, seconds)
 
 
 # -- what the cookies carry ---------------------------------------------------------------------

@@ -21,25 +21,25 @@ def new_process_key() -> str:
     return f"webchat:presence:{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def mark(client: redis.Redis, process_key: str, user_id: int, online: bool) -> None:
+def mark(client: redis.Redis, process_key: str, user_id: int, online: bool, ttl: int = PRESENCE_TTL) -> None:
     """Add a user to this process's set (their first socket here) or take them out (their last)."""
     try:
         pipe = client.pipeline()
         (pipe.sadd if online else pipe.srem)(process_key, user_id)
-        pipe.expire(process_key, PRESENCE_TTL)
+        pipe.expire(process_key, ttl)
         pipe.zadd(PROCESSES, {process_key: time.time()})
         pipe.execute()
     except (redis.RedisError, OSError):
         pass  # the next heartbeat writes the whole set again
 
 
-def beat(client: redis.Redis, process_key: str, user_ids) -> None:
+def beat(client: redis.Redis, process_key: str, user_ids, ttl: int = PRESENCE_TTL) -> None:
     """Rewrite this process's whole set and renew it (called every PRESENCE_BEAT seconds)."""
     pipe = client.pipeline()
     pipe.delete(process_key)
     if user_ids:
         pipe.sadd(process_key, *user_ids)
-        pipe.expire(process_key, PRESENCE_TTL)
+        pipe.expire(process_key, ttl)
     pipe.zadd(PROCESSES, {process_key: time.time()})
     pipe.execute()
 

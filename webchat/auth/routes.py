@@ -50,12 +50,17 @@ def _check_address_limit(message: str) -> None:
         raise DomainError(message, 503)
 
 
-def _refused(template: str, form, exc: DomainError):
-    """Answer a refused sign-in or registration on its own page, with Retry-After when it says when."""
-    response = make_response(render_template(template, form=form, error=exc.message), exc.status)
+def _with_retry_after(response, exc: DomainError):
+    """Say when to try again on a refusal of too many password attempts."""
     if isinstance(exc, accounts.TooManyAttempts):
         response.headers["Retry-After"] = str(exc.retry_after)
     return response
+
+
+def _refused(template: str, form, exc: DomainError):
+    """Answer a refused sign-in or registration on its own page, with Retry-After when it says when."""
+    return _with_retry_after(make_response(render_template(template, form=form, error=exc.message), exc.status),
+                             exc)
 
 
 @bp.route("/auth/register", methods=["GET", "POST"])
@@ -191,10 +196,7 @@ def change_password():
         ended = accounts.change_password(current_user._get_current_object(), form.current_password.data,
                                          form.new_password.data, signed_in_session().session.id)
     except DomainError as exc:
-        response = make_response(refusal(exc, lambda error: _security_page(error, form)))
-        if isinstance(exc, accounts.TooManyAttempts):
-            response.headers["Retry-After"] = str(exc.retry_after)
-        return response
+        return _with_retry_after(make_response(refusal(exc, lambda error: _security_page(error, form))), exc)
     flash(ngettext("Your password is changed. %(num)d other session was signed out.",
                    "Your password is changed. %(num)d other sessions were signed out.", ended), "saved")
     return redirect(url_for("auth.sessions"), 303)

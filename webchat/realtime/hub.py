@@ -190,8 +190,7 @@ class Hub:
             try:
                 # Listed and written under the lock, so an add() in between is not wiped.
                 with self.lock:
-                    presence.beat(client, self.process_key, list(self.clients))
-                    self._shorten_presence(client)
+                    presence.beat(client, self.process_key, list(self.clients), self._presence_ttl)
             except (redis.RedisError, OSError) as exc:
                 log.warning("presence heartbeat failed: %s", exc)
             self.limits.forget_idle(keep=self.local_user_ids())
@@ -199,14 +198,7 @@ class Hub:
 
     def _mark_presence(self, user_id: int, online: bool) -> None:
         client = self.app.extensions["redis"]
-        presence.mark(client, self.process_key, user_id, online)
-        self._shorten_presence(client)
-
-    def _shorten_presence(self, client: redis.Redis) -> None:
-        # presence.py renews the set for its own 60 s; a shorter PRESENCE_TTL (a test's) is set after it.
-        if self._presence_ttl < presence.PRESENCE_TTL:
-            with suppress(redis.RedisError, OSError):
-                client.expire(self.process_key, self._presence_ttl)
+        presence.mark(client, self.process_key, user_id, online, self._presence_ttl)
 
     def _resync(self) -> None:
         for client in self.all_clients():
